@@ -1,0 +1,520 @@
+"""COCO-format detection data: image loading, the dataset, transform presets, collate and loaders.
+
+A dataset item is ``(image, target)`` with ``target = {"boxes_xyxy", "labels", "image_id", "orig_size"}``;
+labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]`` maps back to the COCO
+``category_id`` for evaluation [tv-ref ``FilterAndRemapCocoCategories``]. COCO ``xywh`` boxes are converted
+to ``xyxy``, clipped and sanitised once at init [tv-ref ``coco_utils``]; every later box change (resize,
+crop, pad, flip) is done by ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes``.
+
+Inspect a data set before training on it:
+
+    python dataset_coco.py --ann data/annotations/instances_val2017.json --root data/val2017
+    python dataset_coco.py --ann ann.json --root images --class-name person --img-size 320
+"""
+import argparse
+import contextlib
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+logger = logging.getLogger(__name__)
+
+# Same grey as model_lightweight.LETTERBOX_FILL (YOLOv5's letterbox colour); duplicated rather than imported
+# because dataset code must not depend on the model module.
+LETTERBOX_FILL = 114
+TRANSFORM_PRESETS = ("strong", "moderate", "letterbox")
+IMAGE_SUBDIRS = ("", "JPEGImages", "images")  # Pascal VOC and Roboflow-style exports keep images in these
+COCO_LAYOUT_FILES = ("train2017/", "val2017/", "annotations/instances_train2017.json",
+                     "annotations/instances_val2017.json")
+COCO_LAYOUT = """expected COCO layout:
+  COCO_ROOT/
+    train2017/                            training images
+    val2017/                              validation images
+    annotations/instances_train2017.json
+    annotations/instances_val2017.json"""
+SMALL_AREA, MEDIUM_AREA = 32 ** 2, 96 ** 2  # COCO's area bands (cocodataset.org/#detection-eval)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def _to_rgb(img):
+    """Any PIL mode -> 8-bit RGB; alpha is composited on white, as image viewers show it."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit PNGs open as I;16 (or I in older Pillow); convert("L") would clip at 255 instead of scaling.
+        pixels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def load_image(path):
+    """Read an image as it is displayed, as 8-bit RGB.
+
+    EXIF orientation is applied (``ImageOps.exif_transpose``), so pixels match annotations made in the
+    displayed frame. Grayscale, palette, alpha, CMYK and 16-bit (``I;16``/``I``, scaled by ``>> 8``) images
+    are converted to RGB.
+
+    Returns:
+        torch.uint8 tensor (3, H, W).
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return F.pil_to_tensor(_to_rgb(img))
+
+
+def resolve_image_path(root, file_name):
+    """Find ``file_name`` of a COCO ``images`` entry on disk.
+
+    Tries ``root/file_name``, ``root/JPEGImages/file_name``, ``root/images/file_name``, then the same three
+    with ``basename(file_name)`` (exports often store paths of the machine that wrote them).
+
+    Returns:
+        (path or None, tried): the first existing path and every path tried up to it.
+    """
+    file_name = file_name.replace("\\", "/")
+    tried = []
+    for name in (file_name, os.path.basename(file_name)):
+        for subdir in IMAGE_SUBDIRS:
+            path = os.path.join(root, subdir, name)
+            if path in tried:
+                continue
+            tried.append(path)
+            if os.path.isfile(path):
+                return path, tried
+    return None, tried
+
+
+def coco_layout_paths(coco_root):
+    """Paths of COCO 2017's own layout under ``coco_root`` (see ``COCO_LAYOUT``).
+
+    Returns:
+        dict with ``train_images``, ``val_images``, ``train_ann``, ``val_ann``.
+
+    Raises:
+        FileNotFoundError: one line naming what is missing and the expected layout.
+    """
+    paths = {"train_images": os.path.join(coco_root, "train2017"),
+             "val_images": os.path.join(coco_root, "val2017"),
+             "train_ann": os.path.join(coco_root, "annotations", "instances_train2017.json"),
+             "val_ann": os.path.join(coco_root, "annotations", "instances_val2017.json")}
+    missing = [name for name, path in zip(COCO_LAYOUT_FILES, paths.values())
+               if not (os.path.isdir(path) if name.endswith("/") else os.path.isfile(path))]
+    if missing:
+        raise FileNotFoundError(f"{coco_root} is missing {', '.join(missing)}; expected COCO layout: "
+                                f"{coco_root}/{{{', '.join(COCO_LAYOUT_FILES)}}}")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+def _select_categories(coco, classes):
+    """(category_ids, class_names) for ``classes``: None, a list of names, or an int K (most frequent)."""
+    categories = coco.loadCats(sorted(coco.getCatIds()))
+    if not categories:
+        raise ValueError("the annotation file has no categories")
+    if classes is None:
+        chosen = categories
+    elif isinstance(classes, int) and not isinstance(classes, bool):
+        if not 1 <= classes <= len(categories):
+            raise ValueError(f"classes={classes}: the file has {len(categories)} categories")
+        counts = {c["id"]: 0 for c in categories}
+        for ann in coco.dataset.get("annotations", []):
+            if not ann.get("iscrowd", 0) and ann["category_id"] in counts:
+                counts[ann["category_id"]] += 1
+        chosen = sorted(categories, key=lambda c: (-counts[c["id"]], c["id"]))[:classes]
+    else:
+        chosen = _categories_by_name(categories, [classes] if isinstance(classes, str) else list(classes))
+    return [c["id"] for c in chosen], [c["name"] for c in chosen]
+
+
+def _categories_by_name(categories, names):
+    by_name = {}
+    for category in categories:
+        by_name.setdefault(category["name"].lower(), []).append(category)
+    available = ", ".join(c["name"] for c in categories)
+    chosen = []
+    for name in names:
+        matches = by_name.get(str(name).lower(), [])
+        if not matches:
+            raise ValueError(f"class {name!r} is not in the annotation file; available: {available}")
+        if len(matches) > 1:
+            raise ValueError(f"class {name!r} matches several categories: {[c['id'] for c in matches]}")
+        if matches[0] in chosen:
+            raise ValueError(f"class {name!r} is listed twice in {names}")
+        chosen.append(matches[0])
+    return chosen
+
+
+def _parse_boxes(annotations, image_index, image_sizes, stats):
+    """Turn COCO xywh boxes into xyxy clipped to their image; drop non-finite and < 1 px boxes, counting each.
+
+    Returns (kept boxes float32 (K, 4), keep mask bool (M,)) for the M ``annotations``.
+    """
+    raw = np.full((len(annotations), 4), np.nan, dtype=np.float64)
+    for row, ann in enumerate(annotations):
+        bbox = ann.get("bbox")
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+            raw[row] = [float(v) if isinstance(v, (int, float)) else np.nan for v in bbox]
+    finite = np.isfinite(raw).all(axis=1)
+    raw[~finite] = 0.0
+    boxes = torchvision.ops.box_convert(torch.from_numpy(raw), "xywh", "xyxy")
+    heights, widths = (torch.from_numpy(image_sizes[image_index, k]).to(boxes.dtype)[:, None] for k in (0, 1))
+    clipped = boxes.clone()
+    clipped[:, 0::2] = torch.minimum(torch.clamp(clipped[:, 0::2], min=0), widths)
+    clipped[:, 1::2] = torch.minimum(torch.clamp(clipped[:, 1::2], min=0), heights)
+    wide_enough = ((clipped[:, 2:] - clipped[:, :2]) >= 1).all(dim=1).numpy()
+    keep = finite & wide_enough
+    stats["boxes_dropped_invalid"] += int((~finite).sum())
+    stats["boxes_dropped_degenerate"] += int((finite & ~wide_enough).sum())
+    stats["boxes_dropped"] += int((~keep).sum())
+    stats["boxes_clipped"] += int(((clipped != boxes).any(dim=1).numpy() & keep).sum())
+    return clipped[keep].to(torch.float32).numpy(), keep
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """COCO-format detection dataset with contiguous labels over a chosen subset of categories.
+
+    Args:
+        ann_file: COCO instances JSON.
+        image_root: folder the JSON's ``file_name`` entries are relative to (see ``resolve_image_path``).
+        classes: None (all categories, in category-id order), a list of names (that order,
+            case-insensitive), or an int K (the K most frequent by non-crowd annotations, ties by id).
+        transforms: None, or a v2 callable ``(Image, {"boxes": BoundingBoxes, "labels"}) -> same``,
+            e.g. ``build_transforms(...)``.
+        include_empty: keep images with no selected box as negatives.
+        max_missing_fraction: share of images that may be missing on disk (dropped with a warning).
+
+    Attributes:
+        coco: the unfiltered pycocotools ``COCO`` object.
+        image_ids, image_paths: kept images, sorted by id, and their files.
+        class_names, category_ids: label ``i`` is ``class_names[i]``, COCO ``category_ids[i]``.
+        stats: counters of what init kept, clipped and dropped (see ``dataset_report``).
+    """
+
+    def __init__(self, ann_file, image_root, classes=None, transforms=None, include_empty=True,
+                 max_missing_fraction=0.05):
+        self.ann_file, self.image_root = str(ann_file), str(image_root)
+        self.transforms, self.include_empty = transforms, include_empty
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO(self.ann_file)
+        self.category_ids, self.class_names = _select_categories(self.coco, classes)
+        self.stats = dict.fromkeys(
+            ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty",
+             "annotations_total", "annotations_other_classes", "crowd_ignored", "boxes_kept", "boxes_clipped",
+             "boxes_dropped", "boxes_dropped_invalid", "boxes_dropped_degenerate"), 0)
+        image_ids, image_paths = self._find_images(max_missing_fraction)
+        self._index_annotations(image_ids, image_paths)
+        self._warned_size_mismatch = False
+        self._log_summary()
+
+    def _find_images(self, max_missing_fraction):
+        image_ids, image_paths, missing = [], [], []
+        all_ids = sorted(self.coco.getImgIds())
+        for image_id in all_ids:
+            path, tried = resolve_image_path(self.image_root, self.coco.imgs[image_id]["file_name"])
+            if path is None:
+                missing.append((self.coco.imgs[image_id]["file_name"], tried))
+            else:
+                image_ids.append(image_id)
+                image_paths.append(path)
+        self.stats["images_total"], self.stats["images_missing"] = len(all_ids), len(missing)
+        if missing and len(missing) > max_missing_fraction * len(all_ids):
+            name, tried = missing[0]
+            raise FileNotFoundError(
+                f"{len(missing)}/{len(all_ids)} images of {self.ann_file} not found (more than "
+                f"max_missing_fraction={max_missing_fraction:g}); first missing {name!r}, looked in: "
+                f"{', '.join(tried)}")
+        if missing:
+            logger.warning("%s: dropped %d/%d images not found under %s, e.g. %s", self.ann_file, len(missing),
+                           len(all_ids), self.image_root, ", ".join(name for name, _ in missing[:5]))
+        return image_ids, image_paths
+
+    def _image_size(self, image_id, path):
+        info = self.coco.imgs[image_id]
+        if info.get("height") and info.get("width"):
+            return int(info["height"]), int(info["width"])
+        with Image.open(path) as img:  # header only; the JSON lacks the size
+            width, height = ImageOps.exif_transpose(img).size
+        return height, width
+
+    def _index_annotations(self, image_ids, image_paths):
+        # Boxes of all images live in a few flat numpy arrays (not one tensor per image): lists of Python
+        # objects get copied into every DataLoader worker on access (pytorch/pytorch#13246).
+        sizes = np.array([self._image_size(i, p) for i, p in zip(image_ids, image_paths)],
+                         dtype=np.int64).reshape(-1, 2)  # (num_images, 2) = (H, W)
+        label_of = {category_id: label for label, category_id in enumerate(self.category_ids)}
+        selected, image_index, labels = [], [], []
+        for index, image_id in enumerate(image_ids):
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                self.stats["annotations_total"] += 1
+                if ann.get("category_id") not in label_of:
+                    self.stats["annotations_other_classes"] += 1
+                elif ann.get("iscrowd", 0):
+                    self.stats["crowd_ignored"] += 1
+                else:
+                    selected.append(ann)
+                    image_index.append(index)
+                    labels.append(label_of[ann["category_id"]])
+        image_index = np.array(image_index, dtype=np.int64)
+        boxes, keep = _parse_boxes(selected, image_index, sizes, self.stats)
+        image_index, labels = image_index[keep], np.array(labels, dtype=np.int64)[keep]
+        counts = np.bincount(image_index, minlength=len(image_ids))
+        self.stats["boxes_kept"] = int(keep.sum())
+        self.stats["images_without_boxes"] = int((counts == 0).sum())
+        kept_images = np.ones(len(image_ids), dtype=bool) if self.include_empty else counts > 0
+        self.stats["images_dropped_empty"] = int((~kept_images).sum())
+        box_kept = kept_images[image_index]
+        self.image_ids = [i for i, k in zip(image_ids, kept_images) if k]
+        self.image_paths = [p for p, k in zip(image_paths, kept_images) if k]
+        self._sizes = sizes[kept_images]
+        self._boxes, self._labels = boxes[box_kept], labels[box_kept]  # sorted by image: (M, 4), (M,)
+        self._offsets = np.concatenate([[0], np.cumsum(counts[kept_images])])
+
+    def _log_summary(self):
+        s = self.stats
+        level = logging.WARNING if s["boxes_dropped"] or s["boxes_clipped"] else logging.INFO
+        logger.log(level, "%s: %d images (%d missing, %d without boxes%s), %d boxes in %d classes; "
+                   "ignored %d crowd and %d other-class annotations; clipped %d boxes, dropped %d "
+                   "(%d degenerate/outside, %d non-finite/malformed)", self.ann_file, len(self.image_ids),
+                   s["images_missing"], s["images_without_boxes"],
+                   "" if self.include_empty else f", {s['images_dropped_empty']} of them dropped",
+                   s["boxes_kept"], len(self.class_names), s["crowd_ignored"], s["annotations_other_classes"],
+                   s["boxes_clipped"], s["boxes_dropped"], s["boxes_dropped_degenerate"],
+                   s["boxes_dropped_invalid"])
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def get_annotations(self, index):
+        """Boxes and labels of item ``index`` without loading the image.
+
+        Returns:
+            (boxes_xyxy float32 (N, 4) in the JSON's pixel frame, labels int64 (N,)).
+        """
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return torch.from_numpy(self._boxes[start:end].copy()), torch.from_numpy(self._labels[start:end].copy())
+
+    def image_size(self, index):
+        """(H, W) of item ``index`` as the JSON states it."""
+        return tuple(int(v) for v in self._sizes[index])
+
+    def __getitem__(self, index):
+        """Returns ``(image, target)``.
+
+        Without transforms ``image`` is the original uint8 (3, H, W) and boxes are in its pixels; with
+        transforms both are in the transformed frame (float32 (3, S, S) in [0, 1] for the presets).
+        ``target``: ``boxes_xyxy`` float32 (N, 4), ``labels`` int64 (N,) in ``0..num_classes-1``,
+        ``image_id`` int, ``orig_size`` int64 (2,) = (H, W) of the original image.
+        """
+        image = load_image(self.image_paths[index])
+        boxes, labels = self.get_annotations(index)
+        height, width = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+        if (height, width) != self.image_size(index):
+            boxes = self._on_size_mismatch(index, boxes, (height, width))
+        if self.transforms is not None:
+            image, out = self.transforms(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
+            image, boxes, labels = image.as_subclass(torch.Tensor), out["boxes"], out["labels"]
+        target = {"boxes_xyxy": boxes.as_subclass(torch.Tensor).to(torch.float32), "labels": labels,
+                  "image_id": self.image_ids[index], "orig_size": torch.tensor([height, width])}
+        return image, target
+
+    def _on_size_mismatch(self, index, boxes, size):
+        # Usually EXIF-rotated photos annotated in the stored frame, or a JSON made for resized images.
+        if not self._warned_size_mismatch:
+            self._warned_size_mismatch = True
+            logger.warning("%s is %s (H, W) but %s says %s; boxes clamped to the image (warned once)",
+                           self.image_paths[index], size, self.ann_file, self.image_size(index))
+        return F.clamp_bounding_boxes(boxes)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+class ResizeLongestSide(v2.Transform):
+    """Resize so the longest side is ``size``: (round(H * s), round(W * s)) with s = size / max(H, W)."""
+
+    def __init__(self, size, antialias=True):
+        super().__init__()
+        self.size, self.antialias = size, antialias
+
+    def make_params(self, flat_inputs):
+        height, width = v2.query_size(flat_inputs)
+        scale = self.size / max(height, width)
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
+
+    def transform(self, inpt, params):
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=self.antialias)
+
+
+class PadToSquare(v2.Transform):
+    """Pad right and bottom to ``size`` x ``size``, so (0, 0) stays put and boxes map back by a scale only."""
+
+    def __init__(self, size, fill=LETTERBOX_FILL):
+        super().__init__()
+        self.size, self.fill = size, fill
+
+    def make_params(self, flat_inputs):
+        height, width = v2.query_size(flat_inputs)
+        if height > self.size or width > self.size:
+            raise ValueError(f"PadToSquare({self.size}) got a larger input {(height, width)}")
+        return {"padding": [0, 0, self.size - width, self.size - height]}  # left, top, right, bottom
+
+    def transform(self, inpt, params):
+        return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=self.fill)
+
+
+def build_transforms(preset, img_size):
+    """Build a v2 pipeline for ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "labels"})``.
+
+    Args:
+        preset: ``"strong"`` (pretraining: photometric distortion, zoom-out, scale jitter 0.5-1.5, random
+            crop/pad, flip), ``"moderate"`` (fine-tuning: mild colour jitter, scale jitter 0.75-1.25,
+            crop/pad, flip) or ``"letterbox"`` (deterministic: longest side to ``img_size``, pad
+            right/bottom with grey 114; a box maps back by dividing by ``img_size / max(H, W)``).
+        img_size: side S of the square output.
+
+    Returns:
+        ``v2.Compose`` whose output image is float32 (3, S, S) in [0, 1]; boxes follow the geometry and
+        boxes smaller than 1 px after cropping are removed with their labels. Empty targets are fine.
+    """
+    size = (img_size, img_size)
+    crop = v2.RandomCrop(img_size, pad_if_needed=True, fill=LETTERBOX_FILL)
+    to_float = v2.ToDtype(torch.float32, scale=True)  # images only; boxes keep their dtype
+    if preset == "strong":
+        steps = [v2.RandomPhotometricDistort(p=0.5),
+                 v2.RandomZoomOut(fill=LETTERBOX_FILL, side_range=(1.0, 2.0), p=0.3),
+                 v2.ScaleJitter(size, scale_range=(0.5, 1.5)), crop, v2.RandomHorizontalFlip(),
+                 to_float, v2.SanitizeBoundingBoxes()]
+    elif preset == "moderate":
+        # ColorJitter rather than RandomPhotometricDistort: the latter also permutes channels, which
+        # fine-tuning on a single class whose colour matters should not see.
+        jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+        steps = [v2.RandomApply([jitter], p=0.3), v2.ScaleJitter(size, scale_range=(0.75, 1.25)), crop,
+                 v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
+    elif preset == "letterbox":
+        steps = [ResizeLongestSide(img_size), PadToSquare(img_size), to_float, v2.SanitizeBoundingBoxes()]
+    else:
+        raise ValueError(f"unknown transform preset {preset!r}; choose from {', '.join(TRANSFORM_PRESETS)}")
+    return v2.Compose(steps)
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+def collate_fn(batch):
+    """Batch ``(image, target)`` items.
+
+    Returns:
+        (images, targets): images stacked to (B, 3, S, S) when all shapes agree, else a list of
+        (3, H, W); targets a list of dicts.
+    """
+    images, targets = zip(*batch)
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images), list(targets)
+    return list(images), list(targets)
+
+
+def default_num_workers(batch_size=None):
+    """DataLoader workers: the usable CPUs, at most 8 and at most ``batch_size``; 0 on a single CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus <= 1:
+        return 0
+    return min(cpus, 8, batch_size or 8)
+
+
+def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0):
+    """A DataLoader over ``dataset`` with ``collate_fn``.
+
+    Shuffling and the workers' torch seeds come from a ``torch.Generator`` seeded by ``seed``, so the
+    order and the random augmentations repeat run to run. ``num_workers=None`` -> ``default_num_workers``.
+    """
+    if num_workers is None:
+        num_workers = default_num_workers(batch_size)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       collate_fn=collate_fn, drop_last=drop_last, generator=generator,
+                                       persistent_workers=num_workers > 0,
+                                       pin_memory=torch.cuda.is_available())
+
+
+# -------------------------------------------------------------------------------------------- report
+
+def _size_bands(dataset, img_size):
+    """Counts of boxes in COCO's small/medium/large bands after letterbox scaling to ``img_size``."""
+    bands = np.zeros(3, dtype=np.int64)
+    for index in range(len(dataset)):
+        boxes, _ = dataset.get_annotations(index)
+        scale = img_size / max(dataset.image_size(index))
+        areas = torchvision.ops.box_area(boxes).numpy() * scale ** 2
+        bands += np.bincount(np.digitize(areas, [SMALL_AREA, MEDIUM_AREA]), minlength=3)
+    return bands
+
+
+def dataset_report(dataset, img_size):
+    """A short, human-readable report of a ``CocoDetectionDataset`` (no image is loaded).
+
+    Covers images found/missing, boxes per class, boxes per image, box sizes in COCO's small (< 32^2),
+    medium (< 96^2) and large bands after scaling the longest side to ``img_size``, images without
+    boxes, and what init dropped and why.
+    """
+    s = dataset.stats
+    labels = dataset._labels
+    per_image = np.diff(dataset._offsets)
+    per_class = np.bincount(labels, minlength=len(dataset.class_names))
+    small, medium, large = _size_bands(dataset, img_size)
+    empty = ("kept as negatives" if dataset.include_empty else f"dropped ({s['images_dropped_empty']})")
+    lines = [f"annotations: {dataset.ann_file}", f"images root: {dataset.image_root}",
+             f"images: {s['images_total']} listed, {s['images_total'] - s['images_missing']} found, "
+             f"{s['images_missing']} missing; {len(dataset)} in the dataset",
+             f"images without boxes: {s['images_without_boxes']} ({empty})",
+             f"classes: {len(dataset.class_names)}, boxes: {len(labels)}"]
+    lines += [f"  {name} (category_id {cid}): {count} boxes"
+              for name, cid, count in zip(dataset.class_names, dataset.category_ids, per_class)]
+    if len(per_image):
+        lines.append(f"boxes per image: min {per_image.min()}, mean {per_image.mean():.2f}, max {per_image.max()}")
+    lines += [f"box sizes at img_size {img_size}: small (< 32^2) {small}, medium (< 96^2) {medium}, "
+              f"large {large}",
+              f"ignored: {s['crowd_ignored']} crowd annotations, {s['annotations_other_classes']} annotations "
+              f"of other classes",
+              f"boxes clipped to the image: {s['boxes_clipped']}",
+              f"boxes dropped: {s['boxes_dropped']} ({s['boxes_dropped_degenerate']} under 1 px or outside "
+              f"the image, {s['boxes_dropped_invalid']} non-finite or malformed)",
+              f"images dropped: {s['images_missing']} missing on disk, {s['images_dropped_empty']} without boxes"]
+    return "\n".join(lines)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Report on a COCO-format detection data set.",
+                                     epilog=COCO_LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ann", required=True, help="COCO instances JSON")
+    parser.add_argument("--root", required=True, help="folder the JSON's file_name entries are relative to")
+    parser.add_argument("--class-name", action="append", default=None,
+                        help="keep only this class (repeat for several); default: all")
+    parser.add_argument("--img-size", type=int, default=320, help="model input side for the size bands")
+    return parser
+
+
+def main(argv=None):
+    """CLI entry point: print ``dataset_report`` and return it."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    dataset = CocoDetectionDataset(args.ann, args.root, classes=args.class_name)
+    report = dataset_report(dataset, args.img_size)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""COCO-style evaluation of a detector: mAP from pycocotools plus precision/recall/F1 at a threshold.
+
+`evaluate(model, data)` is the only evaluation path: training calls it every epoch with the live
+model and the CLI below scores a checkpoint. mAP numbers come straight from pycocotools' COCOeval;
+precision, recall and F1 are read from COCOeval's own per-image matches (IoU 0.5), not from a
+second matcher, so both sets of numbers agree on what counts as a true positive.
+
+Score a checkpoint on a COCO-format validation set:
+
+    python evaluate.py --checkpoint runs/finetune/best.pt --ann data/val.json --root data/images
+    python evaluate.py --checkpoint best.pt --ann val.json --root images --class-name person --conf 0.4
+    python evaluate.py --checkpoint best.pt --ann val.json --root images --save-json preds.json
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import time
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+logger = logging.getLogger(__name__)
+
+# COCO practice: keep almost every detection for mAP, which integrates over all score thresholds.
+MAP_SCORE_THRESHOLD = 0.001
+MATCH_IOU = 0.5  # IoU at which precision/recall/F1 are reported
+MAX_DETS = 100  # COCOeval's largest maxDets, the one its headline numbers use
+# COCOeval.stats indices -> our keys (order of COCOeval.summarize for iouType "bbox").
+STATS_KEYS = {"mAP": 0, "mAP50": 1, "mAP75": 2, "AP_small": 3, "AP_medium": 4, "AP_large": 5}
+
+
+def predictions_to_coco(results, image_ids, category_ids):
+    """Convert `model.predict` outputs to COCO result dicts.
+
+    Args:
+        results: list of per-image dicts {"boxes": float (N, 4) xyxy in original pixels,
+            "scores": (N,), "labels": int64 (N,) in 0..num_classes-1}, as `model.predict` returns.
+        image_ids: COCO image id of each entry of `results` (same length).
+        category_ids: COCO category id of each label: label i -> category_ids[i].
+
+    Returns:
+        list of {"image_id": int, "category_id": int, "bbox": [x, y, w, h] (COCO xywh, pixels),
+        "score": float}, in the order of `results`.
+    """
+    if len(results) != len(image_ids):
+        raise ValueError(f"got {len(results)} prediction results for {len(image_ids)} image ids")
+    detections = []
+    for result, image_id in zip(results, image_ids):
+        boxes_xyxy = result["boxes"].detach().float().cpu().reshape(-1, 4)
+        scores = result["scores"].detach().float().cpu().reshape(-1).tolist()
+        labels = result["labels"].detach().cpu().reshape(-1).tolist()
+        bbox_xywh = torch.cat([boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]], dim=1).tolist()
+        for box, score, label in zip(bbox_xywh, scores, labels):
+            if not 0 <= label < len(category_ids):
+                raise ValueError(f"label {label} is out of range for {len(category_ids)} classes")
+            detections.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
+                               "bbox": box, "score": score})
+    return detections
+
+
+def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=0.5):
+    """Score COCO-format detections against ground truth with pycocotools.
+
+    Args:
+        coco_gt: pycocotools `COCO` object holding the ground truth.
+        detections: list of COCO result dicts {"image_id", "category_id", "bbox" (xywh, pixels),
+            "score"}; the list is not modified. May be empty.
+        image_ids: image ids to score (COCOeval `imgIds`); other images are ignored.
+        category_ids: category ids to score (COCOeval `catIds`), label order.
+        class_names: class name of each entry of `category_ids`.
+        conf_threshold: score threshold for "precision", "recall" and "f1".
+
+    Returns:
+        dict with
+        - "mAP", "mAP50", "mAP75", "AP_small", "AP_medium", "AP_large": COCOeval.stats[0:6];
+        - "per_class_AP": {class name: AP@[.5:.95]}, the mean of COCOeval's precision array over
+          IoU thresholds and recall points (area "all", 100 detections), as COCOeval's own mAP;
+        - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
+        - "best_f1", "best_f1_threshold": the best F1 over score thresholds and the score giving it
+          (0.0 when no threshold gives a true positive);
+        - "num_detections": len(detections).
+        Values pycocotools cannot define (its -1: no ground truth for that class or area range)
+        are nan; every class of `class_names` has a key. With no detections every defined value
+        is 0.0.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        coco_gt = _gt_with_positive_ann_ids(coco_gt)
+        coco_dt = _load_results(coco_gt, detections)
+        cocoeval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        cocoeval.params.imgIds = list(image_ids)
+        cocoeval.params.catIds = list(category_ids)
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+        cocoeval.summarize()
+    metrics = {key: _defined(cocoeval.stats[index]) for key, index in STATS_KEYS.items()}
+    metrics["per_class_AP"] = _per_class_ap(cocoeval, category_ids, class_names)
+    scores, is_tp, is_fp, num_gt = _pooled_matches(cocoeval)
+    metrics.update(_precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold))
+    metrics.update(_best_f1(scores, is_tp, is_fp, num_gt))
+    metrics["num_detections"] = len(detections)
+    return metrics
+
+
+def _defined(value):
+    """COCOeval's -1 means 'nothing to score'; report it as nan."""
+    return float(value) if value > -1 else float("nan")
+
+
+def _gt_with_positive_ann_ids(coco_gt):
+    """Renumber ground-truth annotation ids from 1 when one of them is 0 (or negative).
+
+    COCOeval stores the matched gt id in dtMatches and reads 0 as "unmatched", so a gt with id 0
+    can never be a true positive (cocoapi#332, torchvision#1530); exports starting at 0 are common.
+    """
+    if not coco_gt.anns or min(coco_gt.anns) > 0:
+        return coco_gt
+    logger.info("annotation ids start at %d; renumbering them from 1 for COCOeval", min(coco_gt.anns))
+    renumbered = COCO()
+    renumbered.dataset = dict(coco_gt.dataset)
+    renumbered.dataset["annotations"] = [dict(ann, id=index + 1)
+                                         for index, ann in enumerate(coco_gt.dataset["annotations"])]
+    renumbered.createIndex()
+    return renumbered
+
+
+def _load_results(coco_gt, detections):
+    """`coco_gt.loadRes` on copies of the dicts (it edits them), or an empty result set."""
+    if detections:
+        return coco_gt.loadRes([dict(detection) for detection in detections])
+    # loadRes indexes anns[0] and so fails on an empty list; an empty result set scores as zeros.
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+                       "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _per_class_ap(cocoeval, category_ids, class_names):
+    """AP@[.5:.95] per class name from cocoeval.eval['precision'] (area 'all', 100 dets)."""
+    params = cocoeval.params
+    precision = cocoeval.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxDets)
+    area_index = params.areaRngLbl.index("all")
+    max_det_index = params.maxDets.index(MAX_DETS)
+    per_class = {}
+    for name, category_id in zip(class_names, category_ids):
+        k = params.catIds.index(category_id)  # COCOeval sorts catIds; class order may differ
+        values = precision[:, :, k, area_index, max_det_index]
+        defined = values[values > -1]
+        per_class[name] = float(defined.mean()) if defined.size else float("nan")
+    return per_class
+
+
+def _pooled_matches(cocoeval):
+    """Per-detection outcome at IoU 0.5, area 'all', 100 dets, pooled over images and classes.
+
+    Returns (scores, is_tp, is_fp, num_gt): scores sorted high to low (stable, as COCOeval's
+    accumulate), boolean arrays aligned with them, and the number of non-ignored ground truths.
+    Detections matched to an ignored ground truth (crowd) are neither TP nor FP, as in COCOeval.
+    """
+    params = cocoeval.params
+    iou_index = int(np.argmin(np.abs(np.asarray(params.iouThrs) - MATCH_IOU)))
+    area_all = list(params.areaRng[params.areaRngLbl.index("all")])
+    scores, matched, ignored, num_gt = [], [], [], 0
+    for entry in cocoeval.evalImgs:
+        if entry is None or list(entry["aRng"]) != area_all or entry["maxDet"] != MAX_DETS:
+            continue
+        scores.append(np.asarray(entry["dtScores"], dtype=np.float64))
+        matched.append(entry["dtMatches"][iou_index] > 0)  # holds the matched gt id, 0 = none
+        ignored.append(entry["dtIgnore"][iou_index].astype(bool))
+        num_gt += int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
+    if not scores:
+        empty = np.zeros(0)
+        return empty, empty.astype(bool), empty.astype(bool), num_gt
+    scores, matched, ignored = (np.concatenate(parts) for parts in (scores, matched, ignored))
+    order = np.argsort(-scores, kind="mergesort")
+    scores, matched, ignored = scores[order], matched[order], ignored[order]
+    return scores, matched & ~ignored, ~matched & ~ignored, num_gt
+
+
+def _prf(tp, fp, num_gt):
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / num_gt if num_gt > 0 else 0.0
+    f1 = 2 * tp / (tp + fp + num_gt) if tp > 0 else 0.0  # = 2PR / (P + R)
+    return precision, recall, f1
+
+
+def _precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold):
+    """Precision, recall and F1 of the detections scoring at least conf_threshold."""
+    kept = scores >= conf_threshold
+    tp, fp = int(is_tp[kept].sum()), int(is_fp[kept].sum())
+    precision, recall, f1 = _prf(tp, fp, num_gt)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _best_f1(scores, is_tp, is_fp, num_gt):
+    """Best F1 over thresholds 'score >= t' for t among the detection scores, and that t."""
+    if not is_tp.any():
+        return {"best_f1": 0.0, "best_f1_threshold": 0.0}
+    # A threshold keeps every detection of equal score, so cut only after the last of each run.
+    cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
+    tp, fp = np.cumsum(is_tp)[cuts], np.cumsum(is_fp)[cuts]
+    f1 = 2 * tp / (tp + fp + num_gt)  # = 2PR / (P + R)
+    best = int(np.argmax(f1))  # first maximum: ties keep the higher threshold
+    return {"best_f1": float(f1[best]), "best_f1_threshold": float(scores[cuts[best]])}
+
+
+def _collate_lists(batch):
+    return tuple(list(items) for items in zip(*batch))
+
+
+def _build_loader(data, batch_size, num_workers):
+    """Return (dataset, loader): a DataLoader is used as is, a dataset gets a plain ordered one."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return data.dataset, data
+    if num_workers is None:
+        from dataset_coco import default_num_workers  # lazy: dataset_coco owns this policy
+        num_workers = default_num_workers(batch_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate_lists)
+    return data, loader
+
+
+def _model_device(model):
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _check_original_frame(image, target):
+    """Predictions must be in original pixels: refuse images a transform has resized."""
+    orig_size = target.get("orig_size") if isinstance(target, dict) else None
+    if orig_size is None:
+        return
+    orig_size = tuple(int(side) for side in orig_size)
+    if orig_size != tuple(image.shape[-2:]):
+        raise ValueError(f"evaluate needs the original images (dataset built with transforms=None); "
+                         f"got an image of {tuple(image.shape[-2:])} for orig_size {orig_size}")
+
+
+@torch.no_grad()
+def collect_detections(model, data, device=None, iou_threshold=0.6, max_detections=100,
+                       batch_size=8, num_workers=None):
+    """Run `model.predict` over a dataset at score threshold 0.001 and return COCO result dicts.
+
+    Args, model/data/device/...: as `evaluate`. The model is put in eval mode and its previous
+    training mode restored afterwards, also on error.
+
+    Returns:
+        list of COCO result dicts (see `predictions_to_coco`), the input of `coco_metrics` and
+        what the CLI writes with --save-json.
+    """
+    dataset, loader = _build_loader(data, batch_size, num_workers)
+    device = torch.device(device) if device is not None else _model_device(model)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(dataset.category_ids):
+        raise ValueError(f"model has {num_classes} classes but the dataset has "
+                         f"{len(dataset.category_ids)}: {dataset.class_names}")
+    was_training = model.training
+    model.eval()
+    detections = []
+    try:
+        for images, targets in loader:
+            for image, target in zip(images, targets):
+                _check_original_frame(image, target)
+            results = model.predict([image.to(device) for image in images],
+                                    conf_threshold=MAP_SCORE_THRESHOLD, iou_threshold=iou_threshold,
+                                    max_detections=max_detections)
+            image_ids = [int(target["image_id"]) for target in targets]
+            detections.extend(predictions_to_coco(results, image_ids, dataset.category_ids))
+    finally:
+        model.train(was_training)
+    return detections
+
+
+def evaluate(model, data, device=None, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+             batch_size=8, num_workers=None):
+    """Score a detector on a COCO dataset: COCO mAP plus P/R/F1 at `conf_threshold`.
+
+    Args:
+        model: detector with `predict(list of uint8 (3, H, W) tensors, conf_threshold,
+            iou_threshold, max_detections)` returning xyxy boxes in original pixels and labels
+            in 0..num_classes-1 (`num_classes` foreground classes, no background slot).
+        data: a `CocoDetectionDataset` built with transforms=None, or a DataLoader over one
+            (batches of (images, targets); targets carry "image_id").
+        device: where the images go; None -> the device of the model's parameters.
+        conf_threshold: score threshold for precision/recall/F1 (mAP always uses 0.001).
+        iou_threshold: NMS IoU passed to `model.predict`.
+        max_detections: per-image cap passed to `model.predict`.
+        batch_size: images per `predict` call when `data` is a dataset.
+        num_workers: DataLoader workers when `data` is a dataset; None -> dataset_coco's default.
+
+    Returns:
+        the dict of `coco_metrics`. The model's training mode is restored afterwards.
+    """
+    start = time.time()
+    dataset = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    detections = collect_detections(model, data, device, iou_threshold, max_detections,
+                                    batch_size, num_workers)
+    metrics = coco_metrics(dataset.coco, detections, dataset.image_ids, dataset.category_ids,
+                           dataset.class_names, conf_threshold)
+    logger.info("evaluated %d images, %d detections in %.1f s: mAP %.4f mAP50 %.4f",
+                len(dataset.image_ids), len(detections), time.time() - start,
+                metrics["mAP"], metrics["mAP50"])
+    return metrics
+
+
+def _fmt(value):
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+
+
+def format_metrics(metrics):
+    """Render `coco_metrics` output as a plain-text table: overall numbers, then AP per class."""
+    rows = [("mAP@[.5:.95]", metrics["mAP"]), ("mAP@.5", metrics["mAP50"]),
+            ("mAP@.75", metrics["mAP75"]), ("AP small", metrics["AP_small"]),
+            ("AP medium", metrics["AP_medium"]), ("AP large", metrics["AP_large"]),
+            ("precision", metrics["precision"]), ("recall", metrics["recall"]),
+            ("F1", metrics["f1"]), ("best F1", metrics["best_f1"]),
+            ("best F1 threshold", metrics["best_f1_threshold"])]
+    per_class = metrics.get("per_class_AP", {})
+    width = max([len(name) for name, _ in rows] + [len(str(name)) for name in per_class])
+    lines = [f"{'metric':<{width}}  value", "-" * (width + 8)]
+    lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
+    lines.append(f"{'detections':<{width}}  {metrics.get('num_detections', 0)}")
+    if per_class:
+        lines += ["", f"{'class':<{width}}  AP@[.5:.95]", "-" * (width + 13)]
+        lines += [f"{str(name):<{width}}  {_fmt(ap)}" for name, ap in per_class.items()]
+    return "\n".join(lines)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Score a detector checkpoint on a COCO-format set.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint .pt written by training")
+    parser.add_argument("--ann", required=True, help="COCO annotation JSON")
+    parser.add_argument("--root", required=True, help="image folder of the annotation file")
+    parser.add_argument("--class-name", default=None,
+                        help="score a 1-class model against this category (default: checkpoint class_names)")
+    parser.add_argument("--conf", type=float, default=0.5, help="score threshold for precision/recall/F1")
+    parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per predict call")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device, e.g. cpu or cuda")
+    parser.add_argument("--save-json", default=None, help="write the COCO results list here")
+    return parser
+
+
+def _check_paths(parser, args):
+    for flag, path, exists in (("--checkpoint", args.checkpoint, os.path.isfile),
+                               ("--ann", args.ann, os.path.isfile),
+                               ("--root", args.root, os.path.isdir)):
+        if not exists(path):
+            parser.error(f"{flag} not found: {path}")
+
+
+def _class_names(parser, args, num_classes):
+    if args.class_name is not None:
+        class_names = [args.class_name]
+    else:
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        class_names = checkpoint.get("class_names")
+        if not class_names:
+            parser.error(f"{args.checkpoint} has no class_names; pass --class-name")
+    if len(class_names) != num_classes:
+        parser.error(f"the model has {num_classes} classes but {len(class_names)} class names "
+                     f"were given: {class_names}")
+    return list(class_names)
+
+
+def _write_json(path, detections):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(detections, f)
+    os.replace(tmp_path, path)
+    logger.info("wrote %d detections to %s", len(detections), path)
+
+
+def main(argv=None):
+    """Score a checkpoint: load model and dataset, predict, print the table; returns the metrics."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    _check_paths(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import dataset_coco  # lazy: only the CLI needs the dataset and model modules
+    import model_lightweight
+
+    try:
+        model = model_lightweight.load_model(args.checkpoint, device=args.device)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        parser.error(f"cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}")
+    class_names = _class_names(parser, args, model.num_classes)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
+            dataset = dataset_coco.CocoDetectionDataset(args.ann, args.root, classes=class_names,
+                                                        transforms=None)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    detections = collect_detections(model, dataset, args.device, args.iou,
+                                    batch_size=args.batch_size)
+    metrics = coco_metrics(dataset.coco, detections, dataset.image_ids, dataset.category_ids,
+                           dataset.class_names, args.conf)
+    print(format_metrics(metrics))
+    if args.save_json:
+        _write_json(args.save_json, detections)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

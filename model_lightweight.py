@@ -1,0 +1,566 @@
+"""A lightweight anchor-free detector built for transfer learning.
+
+Architecture (one design, scaled by width/depth multipliers into sizes nano/tiny/small):
+  backbone  CSP stages of depthwise-separable bottlenecks, BatchNorm, LeakyReLU; features at strides 8/16/32
+  fpn       a PAN neck (top-down then bottom-up path) of depthwise-separable convs, one width for every level
+  head      decoupled classification and box branches whose convolutions are shared across levels, with
+            BatchNorm kept per level (shared BN would mix the statistics of differently scaled levels,
+            as EfficientDet observed); boxes are ltrb distances from each grid point, FCOS-style
+
+The model owns its transfer-learning surface: freeze_backbone / freeze_fpn, get_param_groups,
+replace_detection_heads and load_backbone_weights. Checkpoints are plain dicts (torch.load(..., weights_only=True)).
+
+    python model_lightweight.py --summary      # parameters and MACs of every size
+"""
+import argparse
+import copy
+import logging
+import math
+import os
+import tempfile
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.transforms.v2 import functional as TF
+
+logger = logging.getLogger(__name__)
+
+STRIDES = (8, 16, 32)
+LETTERBOX_FILL = 114  # uint8 grey used to pad letterboxed images, as in YOLO
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# One architecture, scaled. Base widths are (stem, stride4, stride8, stride16, stride32).
+BASE_WIDTHS = (32, 64, 128, 256, 512)
+BASE_DEPTHS = (1, 3, 3, 1)
+MODEL_SIZES = {
+    "nano": dict(width_mult=0.5, depth_mult=0.34, fpn_channels=64, head_convs=2),
+    "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=96, head_convs=2),
+    "small": dict(width_mult=1.25, depth_mult=1.0, fpn_channels=128, head_convs=2),
+}
+LAYER_GROUPS = ("backbone", "fpn", "head")
+DENSE_MAX_CHANNELS = 128  # stages up to this width use dense 3x3 bottlenecks, wider ones depthwise
+
+Activation = partial(nn.LeakyReLU, 0.1)  # cheap, and NanoDet-Plus shows it works for small detectors
+
+
+def conv_bn_act(in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True):
+    return Conv2dNormActivation(in_channels, out_channels, kernel_size, stride, groups=groups,
+                                activation_layer=Activation if activation else None)
+
+
+def depthwise_separable(in_channels, out_channels, kernel_size=3, stride=1):
+    """Depthwise k x k conv then pointwise 1x1, each with BN and activation."""
+    return nn.Sequential(conv_bn_act(in_channels, in_channels, kernel_size, stride, groups=in_channels),
+                         conv_bn_act(in_channels, out_channels, 1))
+
+
+class Bottleneck(nn.Module):
+    """Residual block x + f(x): a dense 3x3 conv where channels are few (cheap, and dense convs use a
+    CPU far better per MAC), a depthwise-separable conv where they are many."""
+
+    def __init__(self, channels, depthwise=True, kernel_size=3):
+        super().__init__()
+        self.conv = (depthwise_separable(channels, channels, kernel_size) if depthwise
+                     else conv_bn_act(channels, channels, kernel_size))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class CSPStage(nn.Module):
+    """Stride-2 depthwise downsample, then a cross-stage-partial block: half of the channels run through
+    `num_blocks` bottlenecks, the other half skips them, and a 1x1 conv fuses both (CSPNet, Wang et al. 2020)."""
+
+    def __init__(self, in_channels, out_channels, num_blocks, depthwise=True, kernel_size=3):
+        super().__init__()
+        hidden = out_channels // 2
+        self.down = depthwise_separable(in_channels, out_channels, kernel_size, stride=2)
+        self.main = conv_bn_act(out_channels, hidden)
+        self.shortcut = conv_bn_act(out_channels, hidden)
+        self.blocks = nn.Sequential(*[Bottleneck(hidden, depthwise, kernel_size) for _ in range(num_blocks)])
+        self.fuse = conv_bn_act(2 * hidden, out_channels)
+
+    def forward(self, x):
+        x = self.down(x)
+        return self.fuse(torch.cat([self.blocks(self.main(x)), self.shortcut(x)], dim=1))
+
+
+def _scaled(base, mult, divisor=8):
+    return max(divisor, int(round(base * mult / divisor)) * divisor)
+
+
+class CSPBackbone(nn.Module):
+    """Stem (stride 2) and four CSP stages; returns the stride 8, 16 and 32 features."""
+
+    def __init__(self, width_mult=1.0, depth_mult=0.67):
+        super().__init__()
+        widths = [_scaled(w, width_mult) for w in BASE_WIDTHS]
+        depths = [max(1, round(d * depth_mult)) for d in BASE_DEPTHS]
+        self.stem = conv_bn_act(3, widths[0], 3, stride=2)
+        self.stages = nn.ModuleList(
+            CSPStage(widths[i], widths[i + 1], depths[i], depthwise=widths[i + 1] > DENSE_MAX_CHANNELS)
+            for i in range(4))
+        self.out_channels = tuple(widths[2:])  # read by the FPN, never hand-copied
+
+    def forward(self, x):
+        x = self.stem(x)
+        features = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i >= 1:
+                features.append(x)
+        return features  # strides 8, 16, 32
+
+
+class PAN(nn.Module):
+    """Path-aggregation neck: 1x1 laterals to one width, top-down fusion, then bottom-up fusion.
+
+    torchvision's FeaturePyramidNetwork is top-down only with full 3x3 convs; small detectors
+    (NanoDet-Plus GhostPAN, YOLOv8) gain from the bottom-up path, and depthwise convs keep it cheap.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=5):
+        super().__init__()
+        num_levels = len(in_channels)
+        self.lateral = nn.ModuleList(conv_bn_act(c, out_channels) for c in in_channels)
+        self.top_down = nn.ModuleList(
+            depthwise_separable(out_channels, out_channels, kernel_size) for _ in range(num_levels - 1))
+        self.downsample = nn.ModuleList(
+            conv_bn_act(out_channels, out_channels, kernel_size, 2, groups=out_channels)
+            for _ in range(num_levels - 1))
+        self.bottom_up = nn.ModuleList(
+            depthwise_separable(out_channels, out_channels, kernel_size) for _ in range(num_levels - 1))
+        self.out_channels = out_channels
+
+    def forward(self, features):
+        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(laterals) - 1, 0, -1):
+            upsampled = F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            laterals[i - 1] = self.top_down[i - 1](laterals[i - 1] + upsampled)
+        outputs = [laterals[0]]
+        for i in range(1, len(laterals)):
+            outputs.append(self.bottom_up[i - 1](laterals[i] + self.downsample[i - 1](outputs[-1])))
+        return outputs
+
+
+class SharedConvLevelBN(nn.Module):
+    """A convolution shared by all pyramid levels, with one BatchNorm per level (EfficientDet's head)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, num_levels, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                              groups=groups, bias=False)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in range(num_levels))
+        self.act = Activation(inplace=True)
+
+    def forward(self, x, level):
+        return self.act(self.norms[level](self.conv(x)))
+
+
+class Branch(nn.Module):
+    """`num_convs` depthwise-separable convs shared across levels (per-level BN)."""
+
+    def __init__(self, channels, num_convs, num_levels, kernel_size=5):
+        super().__init__()
+        layers = []
+        for _ in range(num_convs):
+            layers.append(SharedConvLevelBN(channels, channels, kernel_size, num_levels, groups=channels))
+            layers.append(SharedConvLevelBN(channels, channels, 1, num_levels))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x, level):
+        for layer in self.layers:
+            x = layer(x, level)
+        return x
+
+
+class DetectionHead(nn.Module):
+    """Decoupled anchor-free head shared across levels.
+
+    Classification: sigmoid logits per class (no background slot), bias initialised to the focal-loss
+    prior p=0.01 (Lin et al. 2017) so early training is not swamped by easy negatives.
+    Box: ltrb distances from each grid point, softplus(x) * stride, so every level regresses in its own
+    stride units (FCOS `norm_reg_targets`) and distances stay positive without exp() overflow.
+    """
+
+    def __init__(self, in_channels, num_classes, num_convs=2, num_levels=3, prior_prob=0.01):
+        super().__init__()
+        self.prior_prob = prior_prob
+        self.cls_branch = Branch(in_channels, num_convs, num_levels)
+        self.box_branch = Branch(in_channels, num_convs, num_levels)
+        self.box_pred = nn.Conv2d(in_channels, 4, 1)
+        nn.init.normal_(self.box_pred.weight, std=0.01)
+        nn.init.zeros_(self.box_pred.bias)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes):
+        """New class outputs with the focal-loss prior; the branches and box outputs keep their weights."""
+        device = self.box_pred.weight.device
+        self.cls_pred = nn.Conv2d(self.box_pred.in_channels, num_classes, 1).to(device)
+        nn.init.normal_(self.cls_pred.weight, std=0.01)
+        nn.init.constant_(self.cls_pred.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
+        self.num_classes = num_classes
+
+    def forward(self, features, strides):
+        cls_logits, box_ltrb = [], []
+        for level, (x, stride) in enumerate(zip(features, strides)):
+            cls = self.cls_pred(self.cls_branch(x, level))
+            box = F.softplus(self.box_pred(self.box_branch(x, level))) * stride
+            cls_logits.append(cls.flatten(2).transpose(1, 2))  # (B, H*W, C)
+            box_ltrb.append(box.flatten(2).transpose(1, 2))  # (B, H*W, 4)
+        return torch.cat(cls_logits, 1), torch.cat(box_ltrb, 1)
+
+
+def grid_points(feature_sizes, strides, device, dtype=torch.float32):
+    """Centres of every feature-map cell in input pixels, level by level: (A, 2) xy and (A,) strides."""
+    points, point_strides = [], []
+    for (h, w), stride in zip(feature_sizes, strides):
+        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) * stride
+        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1))
+        point_strides.append(torch.full((h * w,), float(stride), device=device, dtype=dtype))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+def decode_boxes(points, box_ltrb):
+    """(A, 2) points and (..., A, 4) ltrb distances -> (..., A, 4) xyxy boxes."""
+    return torch.cat([points - box_ltrb[..., :2], points + box_ltrb[..., 2:]], dim=-1)
+
+
+class LightweightDetector(nn.Module):
+    """Backbone -> PAN -> shared decoupled head. See module docstring; build with create_lightweight_model."""
+
+    def __init__(self, num_classes, model_size="tiny", img_size=320, width_mult=1.0, depth_mult=0.67,
+                 fpn_channels=96, head_convs=2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.model_config = dict(num_classes=num_classes, model_size=model_size, img_size=img_size,
+                                 width_mult=width_mult, depth_mult=depth_mult, fpn_channels=fpn_channels,
+                                 head_convs=head_convs, mean=list(mean), std=list(std))
+        self.strides = STRIDES
+        self.backbone = CSPBackbone(width_mult, depth_mult)
+        self.fpn = PAN(self.backbone.out_channels, fpn_channels)
+        self.head = DetectionHead(fpn_channels, num_classes, head_convs, len(STRIDES))
+        # Normalisation lives in the model so every caller feeds plain [0, 1] images.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._frozen_norms = set()
+
+    @property
+    def num_classes(self):
+        return self.head.num_classes
+
+    @property
+    def model_size(self):
+        return self.model_config["model_size"]
+
+    @property
+    def img_size(self):
+        return self.model_config["img_size"]
+
+    def forward(self, images):
+        """Raw head outputs.
+
+        Args:
+            images: float (B, 3, H, W) in [0, 1], H and W multiples of 32.
+        Returns:
+            dict with "cls_logits" (B, A, num_classes) raw logits; "box_ltrb" (B, A, 4) distances in
+            input pixels; "points" (A, 2) xy grid centres; "strides" (A,); "level_sizes" list of A per level.
+        """
+        x = (images - self.pixel_mean) / self.pixel_std
+        features = self.fpn(self.backbone(x))
+        cls_logits, box_ltrb = self.head(features, self.strides)
+        sizes = [f.shape[-2:] for f in features]
+        points, strides = grid_points(sizes, self.strides, images.device)
+        return {"cls_logits": cls_logits, "box_ltrb": box_ltrb, "points": points, "strides": strides,
+                "level_sizes": [h * w for h, w in sizes]}
+
+    # ---- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def postprocess(self, outputs, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+                    pre_nms_topk=1000):
+        """Decode and NMS (class-aware, torchvision.ops.batched_nms). Boxes in network-input pixels."""
+        scores_all = outputs["cls_logits"].float().sigmoid()  # (B, A, C)
+        boxes_all = decode_boxes(outputs["points"], outputs["box_ltrb"].float())  # (B, A, 4)
+        num_classes = scores_all.shape[-1]
+        results = []
+        for scores, boxes in zip(scores_all, boxes_all):
+            scores = scores.flatten()
+            keep = torch.nonzero(scores > conf_threshold).squeeze(1)
+            if keep.numel() > pre_nms_topk:
+                keep = keep[scores[keep].topk(pre_nms_topk).indices]
+            scores, labels = scores[keep], keep % num_classes
+            boxes = boxes[keep // num_classes]
+            keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+
+    @torch.no_grad()
+    def predict(self, images, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+        """Detect objects in images of any size.
+
+        Args:
+            images: a CHW tensor, a BCHW batch, or a list of CHW tensors of different sizes; uint8 in
+                [0, 255] or float in [0, 1]. Each is letterboxed to `img_size` internally.
+        Returns:
+            one dict per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
+            "scores" (N,), "labels" int64 (N,) in 0..num_classes-1.
+        """
+        if isinstance(images, torch.Tensor):
+            images = [images] if images.dim() == 3 else list(images)
+        was_training = self.training
+        self.eval()
+        device = self.pixel_mean.device
+        batch, ratios = zip(*(letterbox(img.to(device), self.img_size) for img in images))
+        outputs = self(torch.stack(batch))
+        results = self.postprocess(outputs, conf_threshold, iou_threshold, max_detections)
+        for result, (ratio_w, ratio_h), image in zip(results, ratios, images):
+            boxes = result["boxes"] / torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=device)
+            height, width = image.shape[-2:]
+            result["boxes"] = torchvision.ops.clip_boxes_to_image(boxes, (height, width))
+        self.train(was_training)
+        return results
+
+    # ---- transfer-learning surface -----------------------------------------------------------------
+    def train(self, mode=True):
+        """Like nn.Module.train, but BatchNorms of frozen layer groups stay in eval mode."""
+        super().train(mode)
+        for group in self._frozen_norms:
+            for module in getattr(self, group).modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def freeze_batchnorm(self, group, freeze=True):
+        """Freeze (or release) the running statistics of one layer group's BatchNorms."""
+        if group not in LAYER_GROUPS:
+            raise ValueError(f"unknown layer group {group!r}; expected one of {LAYER_GROUPS}")
+        (self._frozen_norms.add if freeze else self._frozen_norms.discard)(group)
+        return self.train(self.training)
+
+    def _freeze(self, group, freeze):
+        getattr(self, group).requires_grad_(not freeze)
+        self.freeze_batchnorm(group, freeze)
+
+    def freeze_backbone(self, freeze=True):
+        """requires_grad off and BatchNorm statistics frozen (also after model.train()); False restores both."""
+        self._freeze("backbone", freeze)
+
+    def freeze_fpn(self, freeze=True):
+        """As freeze_backbone, for the neck."""
+        self._freeze("fpn", freeze)
+
+    def get_param_groups(self, backbone_lr, fpn_lr, head_lr, weight_decay=0.05):
+        """Optimizer param groups: per layer group, one with weight decay (conv weights) and one without
+        (norms and biases). Only trainable parameters, each exactly once; empty groups are left out.
+        Each group carries "name" (e.g. "fpn_no_decay") and "layer_group" (e.g. "fpn")."""
+        groups = []
+        for group, lr in zip(LAYER_GROUPS, (backbone_lr, fpn_lr, head_lr)):
+            decay, no_decay = [], []
+            for param in getattr(self, group).parameters():
+                if param.requires_grad:
+                    (decay if param.ndim > 1 else no_decay).append(param)
+            for suffix, params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+                if params:
+                    groups.append({"name": group + suffix, "layer_group": group, "params": params,
+                                   "lr": lr, "weight_decay": wd})
+        return groups
+
+    def replace_detection_heads(self, num_classes):
+        """New classification outputs for `num_classes` foreground classes (focal-loss prior init).
+        Box regression and the shared branch convs keep their trained weights: they are class-agnostic."""
+        self.head.reset_classifier(num_classes)
+        self.model_config["num_classes"] = num_classes
+
+    def load_backbone_weights(self, path, strict=True):
+        """Load backbone weights from a backbone file or a full checkpoint (its `backbone.*` tensors).
+
+        Returns:
+            dict report: "loaded" and "total" tensor counts, "missing_keys", "unexpected_keys", "source".
+        Raises:
+            ValueError on a shape mismatch (naming both model sizes), or, with strict=True, on missing or
+            unexpected keys.
+        """
+        state, source_config = read_backbone_state(path)
+        mismatched = [(k, tuple(v.shape), tuple(self.backbone.state_dict()[k].shape)) for k, v in state.items()
+                      if k in self.backbone.state_dict() and v.shape != self.backbone.state_dict()[k].shape]
+        if mismatched:
+            source_size = (source_config or {}).get("model_size", "unknown (no metadata)")
+            key, got, want = mismatched[0]
+            raise ValueError(
+                f"backbone weights in {path} are for model_size {source_size!r} but this model is "
+                f"{self.model_size!r} ({len(mismatched)} shape mismatches, e.g. {key}: {got} vs {want}); "
+                f"create the model with model_size={source_size!r} or use weights of size {self.model_size!r}")
+        own_keys = set(self.backbone.state_dict())
+        missing = sorted(own_keys - set(state))
+        unexpected = sorted(set(state) - own_keys)
+        if strict and (missing or unexpected):
+            raise ValueError(f"backbone weights in {path} do not match this architecture: "
+                             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:3]}); pass strict=False to load the matching part")
+        self.backbone.load_state_dict({k: v for k, v in state.items() if k in own_keys}, strict=False)
+        report = {"loaded": len(own_keys) - len(missing), "total": len(own_keys), "missing_keys": missing,
+                  "unexpected_keys": unexpected, "source": str(path)}
+        logger.info("loaded %d/%d backbone tensors from %s%s", report["loaded"], report["total"], path,
+                    f"; missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "")
+        return report
+
+    def backbone_checkpoint(self, **metadata):
+        """A backbone-only file's contents: the backbone state dict plus what a loader needs to check it."""
+        return {"backbone_state_dict": unwrap_state_dict(self.backbone.state_dict()),
+                "model_config": copy.deepcopy(self.model_config), "model_size": self.model_size,
+                "img_size": self.img_size,
+                "normalization": {"mean": self.model_config["mean"], "std": self.model_config["std"]},
+                **metadata}
+
+
+def letterbox(image, img_size):
+    """Resize the longer side to img_size (aspect kept), pad right/bottom with grey to a square.
+
+    Returns the float (3, img_size, img_size) image in [0, 1] and the (x, y) resize ratios, which map
+    boxes back to the original image by division.
+    """
+    if image.dtype == torch.uint8:
+        image = image.float() / 255
+    height, width = image.shape[-2:]
+    scale = img_size / max(height, width)
+    new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    image = TF.resize(image, [new_h, new_w], antialias=True)
+    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h), value=LETTERBOX_FILL / 255)
+    return image, (new_w / width, new_h / height)
+
+
+def read_backbone_state(path):
+    """(backbone state dict, source model_config or None) from a backbone file, a full checkpoint or a
+    plain state dict."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    config = checkpoint.get("model_config")
+    if "backbone_state_dict" in checkpoint:
+        return unwrap_state_dict(checkpoint["backbone_state_dict"]), config
+    state = checkpoint.get("model_state_dict", checkpoint)
+    state = unwrap_state_dict(state)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is neither a backbone file (backbone_state_dict) nor a checkpoint "
+                         f"(model_state_dict); found keys {sorted(checkpoint)[:6]}")
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state, config
+
+
+def unwrap_state_dict(state):
+    """Strip DDP `module.` and torch.compile `_orig_mod.` prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, **overrides):
+    """Build a LightweightDetector.
+
+    Args:
+        num_classes: number of foreground classes (no background slot).
+        model_size: one of MODEL_SIZES ("nano", "tiny", "small").
+        backbone_weights_path: optional backbone file or full checkpoint whose backbone is loaded.
+        **overrides: any LightweightDetector argument (img_size, width_mult, depth_mult, fpn_channels,
+            head_convs, mean, std).
+    """
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (foreground classes), got {num_classes}")
+    kwargs = {**MODEL_SIZES[model_size], **overrides}
+    img_size = kwargs.get("img_size", 320)
+    if img_size % max(STRIDES):
+        raise ValueError(f"img_size {img_size} is not a multiple of {max(STRIDES)}; "
+                         f"use {max(STRIDES) * max(1, round(img_size / max(STRIDES)))}")
+    model = LightweightDetector(num_classes, model_size, **kwargs)
+    if backbone_weights_path is not None:
+        model.load_backbone_weights(backbone_weights_path)
+    return model
+
+
+def save_checkpoint(payload, path):
+    """Write atomically: a temporary file in the same folder, then os.replace, so a crash leaves the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def model_checkpoint(model, class_names, **extra):
+    """The plain-dict checkpoint that load_model and the README snippet read."""
+    return {"model_state_dict": unwrap_state_dict(model.state_dict()),
+            "model_config": copy.deepcopy(model.model_config), "class_names": list(class_names), **extra}
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """Rebuild a ready (eval-mode) model from a checkpoint alone; `model.class_names` is set from it."""
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
+        raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
+    model = create_lightweight_model(**checkpoint["model_config"])
+    model.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
+    model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
+    return model.to(device).eval()
+
+
+def count_macs(model, img_size=320):
+    """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (convs and matmuls; FLOPs/2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def summary_table(img_size=320, num_classes=80):
+    rows = ["| size | params | backbone | fpn | head | MACs @ {0} |".format(img_size),
+            "|---|---|---|---|---|---|"]
+    for size in MODEL_SIZES:
+        model = create_lightweight_model(num_classes, size, img_size=img_size)
+        counts = [sum(p.numel() for p in getattr(model, g).parameters()) for g in LAYER_GROUPS]
+        rows.append(f"| {size} | {sum(counts) / 1e6:.2f} M | " + " | ".join(f"{c / 1e6:.2f} M" for c in counts)
+                    + f" | {count_macs(model, img_size) / 1e9:.2f} G |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--summary", action="store_true", help="print parameters and MACs of every size")
+    parser.add_argument("--img-size", type=int, default=320)
+    parser.add_argument("--num-classes", type=int, default=80)
+    args = parser.parse_args(argv)
+    if not args.summary:
+        parser.print_help()
+        return
+    print(summary_table(args.img_size, args.num_classes))
+    print(f"\nMACs counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matmuls, "
+          f"FLOPs / 2), {args.num_classes} classes, {args.img_size}x{args.img_size} input.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Tests for evaluate.py: COCO mAP via pycocotools, P/R/F1 from COCOeval's matches, evaluate(), CLI errors.
+
+A hand-built COCO set (4 images, classes cat=7, dog=3, bird=11 in that label order, a missed cat,
+false positives, a crowd dog region, one empty image) is scored with hand-counted expectations.
+The model and dataset are small fakes, so these tests do not need model_lightweight or dataset_coco.
+"""
+
+import contextlib
+import copy
+import io
+import math
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import evaluate
+
+CLASS_NAMES = ["cat", "dog", "bird"]
+CATEGORY_IDS = [7, 3, 11]  # label i -> CATEGORY_IDS[i]; non-contiguous and not sorted on purpose
+IMAGE_IDS = [1, 2, 3, 4]
+
+
+def _coco_dict(first_ann_id=1):
+    images = [{"id": 1, "width": 100, "height": 80, "file_name": "1.jpg"},
+              {"id": 2, "width": 90, "height": 70, "file_name": "2.jpg"},
+              {"id": 3, "width": 100, "height": 90, "file_name": "3.jpg"},
+              {"id": 4, "width": 64, "height": 48, "file_name": "4.jpg"}]  # no objects
+    boxes = [(1, 7, [10, 10, 30, 20], 0),
+             (1, 3, [50, 40, 20, 30], 0),
+             (2, 7, [5, 5, 40, 40], 0),
+             (2, 7, [60, 10, 20, 20], 0),  # never detected
+             (3, 3, [20, 20, 30, 30], 0),
+             (3, 3, [0, 50, 100, 30], 1)]  # crowd region: ignored by COCOeval
+    annotations = [{"id": first_ann_id + i, "image_id": image_id, "category_id": category_id,
+                    "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": crowd}
+                   for i, (image_id, category_id, bbox, crowd) in enumerate(boxes)]
+    categories = [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 11, "name": "bird"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _make_coco(coco_dict):
+    coco = COCO()
+    coco.dataset = copy.deepcopy(coco_dict)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _det(image_id, category_id, bbox, score):
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+
+
+# Sorted by score: 0.95 TP, 0.9 TP, 0.85 on crowd (ignored), 0.8 TP, 0.7 TP, 0.6 FP, 0.55 FP, 0.3 FP.
+HAND_DETECTIONS = [
+    _det(1, 7, [10, 10, 30, 20], 0.9),   # TP cat
+    _det(1, 3, [50, 40, 20, 30], 0.8),   # TP dog
+    _det(2, 7, [5, 5, 40, 40], 0.95),    # TP cat
+    _det(2, 3, [0, 0, 10, 10], 0.6),     # FP: no dog in image 2
+    _det(3, 3, [20, 20, 30, 30], 0.7),   # TP dog
+    _det(3, 3, [10, 55, 20, 20], 0.85),  # inside the crowd region: neither TP nor FP
+    _det(4, 7, [10, 10, 20, 20], 0.3),   # FP on the empty image, low score
+    _det(1, 7, [12, 10, 30, 20], 0.55),  # FP: duplicate of the 0.9 cat (IoU 0.875)
+]
+NUM_GT = 5  # non-crowd ground truths
+
+
+class FakeDataset:
+    """What evaluate() reads from a CocoDetectionDataset built with transforms=None.
+
+    Each image is filled with its image id, so FakeDetector knows which image it sees.
+    """
+
+    def __init__(self, coco_dict, resize_to=None):
+        self.coco = _make_coco(coco_dict)
+        self.image_ids = sorted(self.coco.imgs)
+        self.class_names = list(CLASS_NAMES)
+        self.category_ids = list(CATEGORY_IDS)
+        self.resize_to = resize_to
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, index):
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        height, width = self.resize_to or (info["height"], info["width"])
+        image = torch.full((3, height, width), image_id, dtype=torch.uint8)
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
+        boxes_xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                                  dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.category_ids.index(a["category_id"]) for a in anns], dtype=torch.int64)
+        target = {"boxes_xyxy": boxes_xyxy, "labels": labels, "image_id": image_id,
+                  "orig_size": torch.tensor([info["height"], info["width"]])}
+        return image, target
+
+
+class FakeDetector(torch.nn.Module):
+    """model.predict stand-in: returns fixed xyxy predictions per image id, filtered by score."""
+
+    def __init__(self, predictions, num_classes=len(CLASS_NAMES)):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.num_classes = num_classes
+        self.predictions = predictions  # image_id -> list of (box_xyxy, score, label)
+        self.calls = []
+
+    def predict(self, images, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+        self.calls.append({"training": self.training, "conf_threshold": conf_threshold,
+                           "iou_threshold": iou_threshold, "max_detections": max_detections,
+                           "dtypes": {image.dtype for image in images},
+                           "devices": {image.device for image in images}})
+        results = []
+        for image in images:
+            kept = [p for p in self.predictions.get(int(image[0, 0, 0]), []) if p[1] >= conf_threshold]
+            results.append({"boxes": torch.tensor([p[0] for p in kept], dtype=torch.float32).reshape(-1, 4),
+                            "scores": torch.tensor([p[1] for p in kept], dtype=torch.float32),
+                            "labels": torch.tensor([p[2] for p in kept], dtype=torch.int64)})
+        return results
+
+
+def _perfect_predictions(dataset):
+    predictions = {}
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        predictions[target["image_id"]] = [(box, 0.9, int(label)) for box, label
+                                           in zip(target["boxes_xyxy"].tolist(), target["labels"])]
+    return predictions
+
+
+def _hand_predictions():
+    """HAND_DETECTIONS as model outputs: xyxy boxes and labels 0..2."""
+    predictions = {}
+    for d in HAND_DETECTIONS:
+        x, y, w, h = d["bbox"]
+        predictions.setdefault(d["image_id"], []).append(
+            ([x, y, x + w, y + h], d["score"], CATEGORY_IDS.index(d["category_id"])))
+    return predictions
+
+
+def _metrics(detections, conf_threshold=0.5, coco_dict=None):
+    coco = _make_coco(coco_dict or _coco_dict())
+    return evaluate.coco_metrics(coco, detections, IMAGE_IDS, CATEGORY_IDS, CLASS_NAMES, conf_threshold)
+
+
+def test_perfect_predictions_score_one():
+    dataset = FakeDataset(_coco_dict())
+    model = FakeDetector(_perfect_predictions(dataset))
+    metrics = evaluate.evaluate(model, dataset, batch_size=2, num_workers=0)
+    for key in ("mAP", "mAP50", "mAP75", "precision", "recall", "f1", "best_f1"):
+        assert metrics[key] == pytest.approx(1.0), key
+    assert metrics["per_class_AP"]["cat"] == pytest.approx(1.0)
+    assert metrics["per_class_AP"]["dog"] == pytest.approx(1.0)
+    assert metrics["num_detections"] == NUM_GT
+
+
+def test_hand_built_case_matches_cocoeval_and_hand_counts():
+    metrics = _metrics(HAND_DETECTIONS)
+
+    coco = _make_coco(_coco_dict())
+    with contextlib.redirect_stdout(io.StringIO()):
+        direct = COCOeval(coco, coco.loadRes(copy.deepcopy(HAND_DETECTIONS)), iouType="bbox")
+        direct.params.imgIds = IMAGE_IDS
+        direct.params.catIds = CATEGORY_IDS
+        direct.evaluate()
+        direct.accumulate()
+        direct.summarize()
+    for key, index in evaluate.STATS_KEYS.items():
+        if direct.stats[index] == -1:
+            assert math.isnan(metrics[key]), key
+        else:
+            assert metrics[key] == pytest.approx(direct.stats[index]), key
+    assert math.isnan(metrics["AP_large"])  # no large ground truth here
+
+    # By hand: cat finds 2 of 3 with precision 1 -> 67 of 101 recall points; dog finds 2 of 2
+    # with precision 1 before its FP (the crowd hit is ignored) -> AP 1. Boxes are exact, so
+    # every IoU threshold gives the same AP.
+    assert metrics["per_class_AP"]["cat"] == pytest.approx(67 / 101)
+    assert metrics["per_class_AP"]["dog"] == pytest.approx(1.0)
+    assert math.isnan(metrics["per_class_AP"]["bird"])  # no ground truth
+    assert metrics["mAP"] == pytest.approx((67 / 101 + 1) / 2)
+    assert metrics["mAP50"] == pytest.approx((67 / 101 + 1) / 2)
+
+    # Score >= 0.5: TP 0.95, 0.9, 0.8, 0.7; FP 0.6, 0.55; 0.85 ignored; 5 ground truths.
+    assert metrics["precision"] == pytest.approx(4 / 6)
+    assert metrics["recall"] == pytest.approx(4 / 5)
+    assert metrics["f1"] == pytest.approx(8 / 11)
+    assert metrics["num_detections"] == len(HAND_DETECTIONS)
+
+
+def test_coco_metrics_leaves_detections_unchanged():
+    detections = [_det(1, 7, [10, 10, 30, 20], 0.9), _det(4, 7, [10, 10, 20, 20], 0.3)]
+    _metrics(detections)
+    # loadRes adds id/area/segmentation/iscrowd to the dicts it gets
+    assert detections == [_det(1, 7, [10, 10, 30, 20], 0.9), _det(4, 7, [10, 10, 20, 20], 0.3)]
+
+
+def test_conf_threshold_filters_low_score_false_positive():
+    above = _metrics(HAND_DETECTIONS, conf_threshold=0.25)  # keeps the 0.3 FP
+    below = _metrics(HAND_DETECTIONS, conf_threshold=0.35)  # drops it
+    assert above["precision"] == pytest.approx(4 / 7)
+    assert below["precision"] == pytest.approx(4 / 6)
+    assert above["recall"] == below["recall"] == pytest.approx(4 / 5)
+    assert _metrics(HAND_DETECTIONS, conf_threshold=0.56)["precision"] == pytest.approx(4 / 5)
+    assert _metrics(HAND_DETECTIONS, conf_threshold=0.96)["recall"] == 0.0
+    assert above["mAP"] == below["mAP"]  # mAP does not depend on conf_threshold
+
+
+def test_best_f1_threshold_is_the_best_score_cut():
+    metrics = _metrics(HAND_DETECTIONS)
+    # cuts: 0.95 -> 2/6, 0.9 -> 4/7, 0.8 -> 6/8, 0.7 -> 8/9, 0.6 -> 8/10, 0.55 -> 8/11, 0.3 -> 8/12
+    assert metrics["best_f1"] == pytest.approx(8 / 9)
+    assert metrics["best_f1_threshold"] == pytest.approx(0.7)
+    f1_at = {d["score"]: _metrics(HAND_DETECTIONS, conf_threshold=d["score"])["f1"] for d in HAND_DETECTIONS}
+    assert max(f1_at.values()) == pytest.approx(metrics["best_f1"])
+    assert f1_at[0.7] == pytest.approx(metrics["best_f1"])
+
+
+def test_no_detections_gives_zeros():
+    metrics = _metrics([])
+    for key in ("mAP", "mAP50", "mAP75", "precision", "recall", "f1", "best_f1", "best_f1_threshold"):
+        assert metrics[key] == 0.0, key
+    assert metrics["num_detections"] == 0
+    assert metrics["per_class_AP"]["cat"] == 0.0 and metrics["per_class_AP"]["dog"] == 0.0
+    assert math.isnan(metrics["per_class_AP"]["bird"])
+
+    dataset = FakeDataset(_coco_dict())
+    assert evaluate.evaluate(FakeDetector({}), dataset, num_workers=0)["mAP"] == 0.0
+
+
+def test_predictions_to_coco_maps_labels_and_converts_boxes():
+    results = [{"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [1.0, 2.0, 3.0, 5.0]]),
+                "scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([1, 0])},
+               {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64)}]
+    detections = evaluate.predictions_to_coco(results, [5, 6], CATEGORY_IDS)
+    assert detections == [
+        {"image_id": 5, "category_id": 3, "bbox": [10.0, 20.0, 30.0, 40.0], "score": pytest.approx(0.9)},
+        {"image_id": 5, "category_id": 7, "bbox": [1.0, 2.0, 2.0, 3.0], "score": pytest.approx(0.4)}]
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate.predictions_to_coco([{"boxes": torch.zeros(1, 4), "scores": torch.ones(1),
+                                       "labels": torch.tensor([3])}], [5], CATEGORY_IDS)
+
+
+def test_evaluate_hand_case_through_the_model_api():
+    dataset = FakeDataset(_coco_dict())
+    model = FakeDetector(_hand_predictions())
+    metrics = evaluate.evaluate(model, dataset, batch_size=3, num_workers=0, iou_threshold=0.45,
+                                max_detections=50)
+    expected = _metrics(HAND_DETECTIONS)
+    for key in ("mAP", "mAP50", "precision", "recall", "f1", "best_f1", "best_f1_threshold"):
+        assert metrics[key] == pytest.approx(expected[key]), key
+    assert [len(call["dtypes"]) for call in model.calls] == [1, 1]
+    for call in model.calls:
+        assert call["conf_threshold"] == evaluate.MAP_SCORE_THRESHOLD
+        assert call["iou_threshold"] == 0.45 and call["max_detections"] == 50
+        assert call["dtypes"] == {torch.uint8} and call["devices"] == {model.weight.device}
+
+
+def test_evaluate_accepts_a_shuffled_dataloader():
+    dataset = FakeDataset(_coco_dict())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True,
+                                         collate_fn=lambda batch: tuple(zip(*batch)),
+                                         generator=torch.Generator().manual_seed(0))
+    metrics = evaluate.evaluate(FakeDetector(_hand_predictions()), loader)
+    assert metrics["mAP"] == pytest.approx((67 / 101 + 1) / 2)
+    assert metrics["precision"] == pytest.approx(4 / 6)
+
+
+def test_evaluate_restores_training_mode():
+    dataset = FakeDataset(_coco_dict())
+    model = FakeDetector(_perfect_predictions(dataset))
+    model.train()
+    evaluate.evaluate(model, dataset, num_workers=0)
+    assert model.training
+    assert model.calls and not any(call["training"] for call in model.calls)
+    model.eval()
+    evaluate.evaluate(model, dataset, num_workers=0)
+    assert not model.training
+
+    def broken_predict(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    model.train()
+    model.predict = broken_predict
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate.evaluate(model, dataset, num_workers=0)
+    assert model.training
+
+
+def test_evaluate_refuses_transformed_images():
+    dataset = FakeDataset(_coco_dict(), resize_to=(32, 32))
+    with pytest.raises(ValueError, match="transforms=None"):
+        evaluate.evaluate(FakeDetector({}), dataset, num_workers=0)
+
+
+def test_evaluate_rejects_class_count_mismatch():
+    with pytest.raises(ValueError, match="classes"):
+        evaluate.evaluate(FakeDetector({}, num_classes=2), FakeDataset(_coco_dict()), num_workers=0)
+
+
+def test_annotation_id_zero_still_matches():
+    coco_dict = _coco_dict(first_ann_id=0)  # pycocotools reads gt id 0 as "no match"
+    dataset = FakeDataset(coco_dict)
+    metrics = evaluate.evaluate(FakeDetector(_perfect_predictions(dataset)), dataset, num_workers=0)
+    assert metrics["mAP"] == pytest.approx(1.0)
+    assert metrics["recall"] == pytest.approx(1.0)
+
+
+def test_per_class_ap_keys_are_class_names_in_label_order():
+    metrics = _metrics(HAND_DETECTIONS)
+    assert list(metrics["per_class_AP"]) == CLASS_NAMES
+    # Class order differs from category-id order: a swap would give cat 1.0 and dog 67/101.
+    assert metrics["per_class_AP"]["cat"] < metrics["per_class_AP"]["dog"]
+
+
+def test_format_metrics_shows_overall_and_per_class():
+    table = evaluate.format_metrics(_metrics(HAND_DETECTIONS))
+    assert f"{(67 / 101 + 1) / 2:.4f}" in table
+    assert f"{67 / 101:.4f}" in table
+    for name in CLASS_NAMES:
+        assert name in table
+    assert "n/a" in table  # bird (no ground truth) and AP large
+
+
+@pytest.mark.parametrize("missing", ["checkpoint", "ann", "root"])
+def test_cli_reports_missing_path(tmp_path, capsys, missing):
+    paths = {"checkpoint": tmp_path / "model.pt", "ann": tmp_path / "val.json", "root": tmp_path / "images"}
+    paths["checkpoint"].write_bytes(b"")
+    paths["ann"].write_text("{}")
+    paths["root"].mkdir()
+    paths[missing] = tmp_path / "does-not-exist"
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(["--checkpoint", str(paths["checkpoint"]), "--ann", str(paths["ann"]),
+                       "--root", str(paths["root"])])
+    assert error.value.code == 2
+    assert f"--{missing} not found" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""Contracts of model_lightweight: shapes, layer groups, freezing, param groups, weight transfer, predict."""
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from model_lightweight import (MODEL_SIZES, count_macs, create_lightweight_model, load_model, model_checkpoint,
+                               save_checkpoint)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return create_lightweight_model(3, "nano", img_size=64)
+
+
+def test_forward_shapes_per_level(model):
+    outputs = model(torch.rand(2, 3, 64, 64))
+    assert outputs["level_sizes"] == [8 * 8, 4 * 4, 2 * 2]  # strides 8, 16, 32
+    num_points = sum(outputs["level_sizes"])
+    assert outputs["cls_logits"].shape == (2, num_points, 3)
+    assert outputs["box_ltrb"].shape == (2, num_points, 4)
+    assert (outputs["box_ltrb"] >= 0).all()
+    assert outputs["points"].shape == (num_points, 2)
+    assert outputs["strides"].tolist() == [8.0] * 64 + [16.0] * 16 + [32.0] * 4
+    assert outputs["points"][0].tolist() == [4.0, 4.0]  # centre of the first stride-8 cell
+
+
+def test_every_parameter_in_exactly_one_layer_group(model):
+    grouped = [id(p) for group in ("backbone", "fpn", "head") for p in getattr(model, group).parameters()]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in model.parameters()}
+    assert model.fpn.lateral[0][0].in_channels == model.backbone.out_channels[0]
+
+
+def test_tiny_is_in_the_nanodet_plus_class():
+    model = create_lightweight_model(80, "tiny")
+    assert sum(p.numel() for p in model.parameters()) <= 1.5e6
+    assert 0.4e9 <= count_macs(model, 320) <= 1.2e9
+    sizes = [sum(p.numel() for p in create_lightweight_model(80, s).parameters()) for s in ("nano", "tiny", "small")]
+    assert sizes == sorted(sizes) and set(MODEL_SIZES) >= {"nano", "tiny", "small"}
+
+
+def test_classification_bias_uses_focal_prior(model):
+    probabilities = torch.sigmoid(model.head.cls_pred.bias)
+    assert torch.allclose(probabilities, torch.full_like(probabilities, 0.01), atol=1e-6)
+
+
+def test_freeze_backbone_keeps_grads_and_batchnorm_statistics_frozen(model):
+    model.freeze_backbone()
+    model.train()
+    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, _BatchNorm)]
+    assert all(not m.training for m in backbone_bns)
+    assert all(m.training for m in model.head.modules() if isinstance(m, _BatchNorm))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.rand(2, 3, 64, 64))["cls_logits"].sum().backward()
+    optimizer.step()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.cls_pred.parameters())
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running stats and weights unchanged
+
+    model.freeze_backbone(False)
+    model.train()
+    assert all(m.training for m in backbone_bns)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_freeze_fpn_only_touches_fpn(model):
+    model.freeze_fpn()
+    assert not any(p.requires_grad for p in model.fpn.parameters())
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert all(not m.training for m in model.fpn.modules() if isinstance(m, _BatchNorm))
+
+
+def test_param_groups_cover_trainable_parameters_exactly_once(model):
+    model.freeze_backbone()
+    groups = model.get_param_groups(1e-5, 1e-4, 1e-3, weight_decay=0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"fpn", "fpn_no_decay", "head", "head_no_decay"}
+    assert by_name["fpn"]["lr"] == 1e-4 and by_name["head_no_decay"]["lr"] == 1e-3
+    assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] == 0.05
+    assert all(p.ndim == 1 for p in by_name["head_no_decay"]["params"])
+    torch.optim.AdamW(groups)  # accepted by a real optimizer
+
+
+def test_replace_heads_keeps_class_agnostic_weights(model):
+    box_before = model.head.box_pred.weight.clone()
+    branch_before = model.head.cls_branch.layers[0].conv.weight.clone()
+    model.replace_detection_heads(1)
+    assert model.num_classes == 1 and model.model_config["num_classes"] == 1
+    assert model(torch.rand(1, 3, 64, 64))["cls_logits"].shape[-1] == 1
+    assert torch.equal(model.head.box_pred.weight, box_before)
+    assert torch.equal(model.head.cls_branch.layers[0].conv.weight, branch_before)
+    assert torch.allclose(torch.sigmoid(model.head.cls_pred.bias), torch.tensor([0.01]))
+
+
+def test_load_backbone_from_full_checkpoint_80_to_1_classes(tmp_path, model):
+    source = create_lightweight_model(80, "nano", img_size=64)
+    path = tmp_path / "full.pth"
+    save_checkpoint(model_checkpoint(source, [str(i) for i in range(80)]), path)
+    target = create_lightweight_model(1, "nano", img_size=64)
+    report = target.load_backbone_weights(path)
+    assert report["loaded"] == report["total"] == len(target.backbone.state_dict())
+    assert report["missing_keys"] == [] and report["unexpected_keys"] == []
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(target.backbone.state_dict()[key], value)
+    assert not torch.equal(target.head.box_pred.weight, source.head.box_pred.weight)  # head untouched
+
+
+def test_load_backbone_only_file_through_create(tmp_path, model):
+    path = tmp_path / "backbone.pth"
+    save_checkpoint(model.backbone_checkpoint(class_names=["a", "b", "c"]), path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["model_size"] == "nano" and payload["class_names"] == ["a", "b", "c"]
+    fresh = create_lightweight_model(1, "nano", backbone_weights_path=str(path), img_size=64)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(fresh.backbone.state_dict()[key], value)
+
+
+def test_load_backbone_of_another_size_names_both_sizes(tmp_path):
+    path = tmp_path / "small.pth"
+    save_checkpoint(create_lightweight_model(2, "small").backbone_checkpoint(), path)
+    with pytest.raises(ValueError, match=r"model_size 'small'.*this model is 'nano'"):
+        create_lightweight_model(2, "nano").load_backbone_weights(path)
+
+
+def test_load_backbone_missing_keys_strict_and_not(tmp_path, model):
+    state = dict(model.backbone.state_dict())
+    dropped = next(iter(state))
+    del state[dropped]
+    path = tmp_path / "partial.pth"
+    torch.save({"backbone_state_dict": state}, path)
+    with pytest.raises(ValueError, match="missing"):
+        create_lightweight_model(3, "nano").load_backbone_weights(path)
+    report = create_lightweight_model(3, "nano").load_backbone_weights(path, strict=False)
+    assert report["missing_keys"] == [dropped]
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path, model):
+    path = tmp_path / "model.pth"
+    save_checkpoint(model_checkpoint(model, ["a", "b", "c"], epoch=3), path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["model_config"]["model_size"] == "nano"
+    loaded = load_model(path)
+    assert loaded.class_names == ["a", "b", "c"] and not loaded.training
+    images = torch.rand(1, 3, 64, 64)
+    model.eval()
+    assert torch.equal(loaded(images)["cls_logits"], model(images)["cls_logits"])
+
+
+def test_predict_accepts_single_batch_and_list_and_maps_to_original_pixels(model):
+    torch.manual_seed(0)
+    image = (torch.rand(3, 50, 100) * 255).to(torch.uint8)
+    single = model.predict(image, conf_threshold=0.0, max_detections=5)
+    from_float = model.predict(image.float() / 255, conf_threshold=0.0, max_detections=5)
+    assert torch.allclose(single[0]["boxes"], from_float[0]["boxes"], atol=1e-4)
+    mixed = model.predict([image, torch.rand(3, 64, 64)], conf_threshold=0.0, max_detections=5)
+    assert len(mixed) == 2 and torch.allclose(mixed[0]["boxes"], single[0]["boxes"], atol=1e-4)
+    batch = model.predict(torch.rand(2, 3, 64, 64), conf_threshold=0.0)
+    assert len(batch) == 2
+    boxes = single[0]["boxes"]
+    assert (boxes[:, 2] <= 100).all() and (boxes[:, 3] <= 50).all() and (boxes >= 0).all()
+    assert single[0]["labels"].dtype == torch.int64 and len(single[0]["boxes"]) <= 5
+    assert model.training  # predict restores the mode
+
+
+def test_predict_boxes_scale_back_to_the_original_image(model):
+    """A letterboxed 2x image must give the same detections at 2x the coordinates."""
+    torch.manual_seed(1)
+    small = torch.rand(3, 32, 64)
+    large = torch.nn.functional.interpolate(small[None], scale_factor=2, mode="nearest")[0]
+    model.eval()
+    # Both letterbox to the same 64x32 network input (up- vs downsampled), so compare at loose tolerance.
+    a = model.predict(small, conf_threshold=0.0, max_detections=3)[0]["boxes"]
+    b = model.predict(large, conf_threshold=0.0, max_detections=3)[0]["boxes"]
+    assert torch.allclose(a * 2, b, atol=2.0)
+
+
+def test_unknown_size_and_bad_img_size_are_clear_errors():
+    with pytest.raises(ValueError, match="choose one of"):
+        create_lightweight_model(1, "huge")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        create_lightweight_model(1, "nano", img_size=100)
