@@ -1,16 +1,24 @@
-"""The training step shared by pretraining and fine-tuning: one epoch, EMA of the weights, seeding.
+"""The training machinery shared by pretraining and fine-tuning (torchvision's detection `engine.py` role).
 
-Both training scripts import this; it imports the model-agnostic loss interface only
-(DetectionLoss-like: outputs, targets -> dict with "loss" and named parts), as torchvision's
-detection reference `engine.py` does.
+- config: defaults < config_transfer_learning.json < --config FILE < command-line flags, unknown keys refused
+- run folders, metrics.csv and TensorBoard logging
+- learning-rate schedules stepped per iteration, an EMA of the weights with a ramped decay
+- train_one_epoch, RNG state capture for exact resume
 """
+import argparse
+import csv
+import datetime
+import difflib
+import json
 import logging
 import math
+import os
 import random
 import time
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -43,6 +51,15 @@ def build_ema(model, decay=0.9998, ramp_iters=2000):
     return AveragedModel(model, multi_avg_fn=ramped_ema_update(decay, ramp_iters), use_buffers=True)
 
 
+def log_iteration(writer, model, optimizer, losses, step):
+    for key, value in losses.items():
+        writer.add_scalar(f"train/{key}", value.item(), step)
+    for group in optimizer.param_groups:
+        writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+    for group, norm in group_grad_norms(getattr(model, "module", model)).items():
+        writer.add_scalar(f"grad_norm/{group}", norm, step)
+
+
 def autocast_context(device, enabled):
     """bfloat16 autocast on CPU, float16 on CUDA; a no-op context when disabled."""
     device_type = torch.device(device).type
@@ -55,10 +72,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, scheduler=None, ema=None,
-                    scaler=None, amp=False, clip_grad_norm=None, progress=True, description=None):
+                    scaler=None, amp=False, clip_grad_norm=None, progress=True, description=None,
+                    writer=None, global_step=0, log_interval=20):
     """Train for one pass over `data_loader`.
 
     The scheduler (if any) is stepped every iteration, so warmup and cosine schedules behave in short runs.
+    With a TensorBoard `writer`, every `log_interval` iterations it logs each loss term, each param
+    group's learning rate and each layer group's gradient norm (gradient flow) at `global_step + i`.
 
     Returns:
         dict of mean loss terms over the epoch plus "images_per_second" and "iterations".
@@ -67,7 +87,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
     sums, num_images, start = {}, 0, time.perf_counter()
     bar = tqdm(data_loader, desc=description or f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
-    for images, targets in bar:
+    for iteration, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         with autocast_context(device, amp):
             outputs = model(images)
@@ -82,6 +102,9 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
             scaler.unscale_(optimizer)
         else:
             losses["loss"].backward()
+        step = global_step + iteration
+        if writer is not None and step % log_interval == 0:
+            log_iteration(writer, model, optimizer, losses, step)
         if clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
@@ -106,3 +129,280 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
     metrics["images_per_second"] = num_images / max(time.perf_counter() - start, 1e-9)
     metrics["iterations"] = iterations
     return metrics
+
+
+# ---- configuration ----------------------------------------------------------------------------------
+DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_transfer_learning.json")
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message says what and how to fix it."""
+
+
+def load_json(path, what="config file"):
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def config_sections(data, section):
+    """The flat settings of a config dict: `optimization` merged with `section` if the file has sections
+    (a copy of config_transfer_learning.json), else the dict itself (the flat custom format)."""
+    if section in data or "optimization" in data:
+        flat = {**data.get("optimization", {}), **data.get(section, {})}
+    else:
+        flat = dict(data)
+    return {k: v for k, v in flat.items() if not k.startswith("_")}
+
+
+def check_config(config, reference, source):
+    """Refuse unknown keys (naming the nearest valid one) and values of the wrong type."""
+    for key, value in config.items():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(reference))}"
+            raise ConfigError(f"unknown config key {key!r} in {source}; {hint}")
+        expected = reference[key]
+        if expected is None or value is None:
+            continue
+        if isinstance(expected, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) == isinstance(expected, bool)
+        elif isinstance(expected, (int, float)):
+            ok = isinstance(value, (int, float)) and (isinstance(expected, float) or float(value).is_integer())
+        else:
+            ok = isinstance(value, type(expected)) or (isinstance(expected, list) and isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"config key {key!r} in {source} should be a {type(expected).__name__}, "
+                              f"got {value!r}")
+
+
+def explicit_cli_values(parser, argv):
+    """The flags the user actually typed (argparse defaults suppressed)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs.update(action="store_const", const=action.const)
+            else:
+                kwargs.update(type=action.type, nargs=action.nargs)
+            probe.add_argument(*action.option_strings, **kwargs)
+    values, _ = probe.parse_known_args(argv)
+    return vars(values)
+
+
+def resolve_config(parser, argv, section, defaults):
+    """Merge defaults < config_transfer_learning.json[section] < --config FILE < CLI into one flat dict.
+
+    Args:
+        parser: the script's ArgumentParser (its flags' dests are config keys).
+        argv: command-line arguments (None: sys.argv[1:]).
+        section: "pretraining" or "finetuning".
+        defaults: every valid key with its default value (types are checked against these).
+    """
+    cli = explicit_cli_values(parser, argv)
+    parser.parse_args(argv)  # full validation and --help
+    config = dict(defaults)
+    for path in (DEFAULT_CONFIG_PATH, cli.get("config")):
+        if path:
+            values = config_sections(load_json(path), section)
+            check_config(values, defaults, path)
+            config.update(values)
+    config.update(cli)
+    return config
+
+
+# ---- run folder, logs --------------------------------------------------------------------------------
+def create_run_dir(output_dir, name):
+    """output_dir/name_YYYYmmdd_HHMMSS, with a numeric suffix if that exists: runs never collide."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    base = os.path.join(output_dir, f"{name}_{stamp}")
+    path, suffix = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = f"{base}_{suffix}"
+
+
+def write_json_atomic(data, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """One row per epoch in metrics.csv (rewritten atomically, so a resumed run never duplicates an epoch)
+    and the same numbers in TensorBoard."""
+
+    def __init__(self, run_dir, writer=None):
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self.writer = writer
+        self.rows = []
+        if os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def log(self, row, step):
+        self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
+
+
+def create_tensorboard_writer(run_dir):
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+# ---- schedules ---------------------------------------------------------------------------------------
+def build_warmup_cosine_restarts(optimizer, warmup_iters, warmup_start_factor, t0_iters, t_mult, eta_min):
+    """Linear warmup, then torch's CosineAnnealingWarmRestarts; step it every iteration."""
+    cosine = CosineAnnealingWarmRestarts(optimizer, T_0=max(1, t0_iters), T_mult=t_mult, eta_min=eta_min)
+    if warmup_iters <= 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_iters)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_iters])
+
+
+def build_warmup_cosine(optimizer, total_iters, warmup_iters, warmup_start_factor, final_factor):
+    """Linear warmup, then one cosine decay to lr * final_factor over the rest (one fine-tuning stage)."""
+    warmup_iters = min(warmup_iters, max(total_iters - 1, 0))
+
+    def factor(it):
+        if it < warmup_iters:
+            return warmup_start_factor + (1 - warmup_start_factor) * it / warmup_iters
+        progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
+        return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+# ---- RNG state (exact resume) --------------------------------------------------------------------------
+def get_rng_state():
+    """Python, NumPy and torch RNG states as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]) + [random.getstate()[0]], "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    state["python_gauss"] = random.getstate()[2]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][-1], tuple(state["python"][:-1]), state["python_gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def group_grad_norms(model, groups=("backbone", "fpn", "head")):
+    """L2 norm of the gradients of each layer group (gradient flow), 0 for a frozen group."""
+    norms = {}
+    for group in groups:
+        grads = [p.grad for p in getattr(model, group).parameters() if p.grad is not None]
+        norms[group] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+    return norms
+
+
+# ---- checkpoints of a training run -------------------------------------------------------------------
+def training_checkpoint(model, ema, class_names, config, optimizer=None, scheduler=None, scaler=None, **state):
+    """A resumable checkpoint (a plain dict; loads with weights_only=True).
+
+    `model_state_dict` holds the weights to use for inference (the EMA when there is one), so
+    load_model and the README snippet get the evaluated model; `train_state_dict` holds the raw weights
+    the optimizer steps, and `ema_updates` the EMA's step count.
+    """
+    from model_lightweight import model_checkpoint, unwrap_state_dict
+    raw = getattr(model, "module", model)
+    inference = ema.module if ema is not None else raw
+    checkpoint = model_checkpoint(inference, class_names, config=json.loads(json.dumps(config, default=str)),
+                                  **state)
+    checkpoint["model_config"] = dict(raw.model_config)
+    checkpoint["train_state_dict"] = unwrap_state_dict(raw.state_dict())
+    checkpoint["ema_updates"] = int(ema.n_averaged) if ema is not None else 0
+    if optimizer is not None:
+        checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+    if scheduler is not None:
+        checkpoint["scheduler_state_dict"] = scheduler.state_dict()
+    if scaler is not None:
+        checkpoint["scaler_state_dict"] = scaler.state_dict()
+    checkpoint["rng_state"] = get_rng_state()
+    return checkpoint
+
+
+def load_training_checkpoint(path):
+    """Read a resumable checkpoint (weights_only=True) and check it is one."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("train_state_dict", "optimizer_state_dict", "config", "epoch") if k not in checkpoint]
+    if missing:
+        raise ConfigError(f"{path} cannot be resumed (it lacks {', '.join(missing)}); to start a new run from "
+                          f"its weights, pass it as pretrained weights instead of --resume")
+    return checkpoint
+
+
+def restore_training_state(checkpoint, model, ema, optimizer=None, scheduler=None, scaler=None):
+    from model_lightweight import unwrap_state_dict
+    getattr(model, "module", model).load_state_dict(unwrap_state_dict(checkpoint["train_state_dict"]))
+    if ema is not None:
+        ema.module.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
+        ema.n_averaged.fill_(checkpoint.get("ema_updates", 0))
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    if scheduler is not None and "scheduler_state_dict" in checkpoint:
+        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    if scaler is not None and "scaler_state_dict" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler_state_dict"])
+    if "rng_state" in checkpoint:
+        set_rng_state(checkpoint["rng_state"])
+
+
+def log_validation_images(writer, model, dataset, step, class_names, num_images=4, conf_threshold=0.3):
+    """Draw the model's boxes (green) and the ground truth (red) on the first val images for TensorBoard."""
+    from torchvision.utils import draw_bounding_boxes
+    count = min(num_images, len(dataset))
+    if writer is None or count == 0:
+        return
+    images, targets = zip(*(dataset[i] for i in range(count)))
+    predictions = model.predict(list(images), conf_threshold=conf_threshold)
+    for i, (image, target, prediction) in enumerate(zip(images, targets, predictions)):
+        canvas = image
+        if len(target["boxes_xyxy"]):
+            canvas = draw_bounding_boxes(canvas, target["boxes_xyxy"], colors="red")
+        if len(prediction["boxes"]):
+            labels = [f"{class_names[int(label)]} {score:.2f}"
+                      for label, score in zip(prediction["labels"], prediction["scores"])]
+            canvas = draw_bounding_boxes(canvas, prediction["boxes"].cpu(), labels=labels, colors="lime")
+        writer.add_image(f"val/image_{i}", canvas, step)
+
+
+def describe_trainable(model):
+    """One line with trainable and frozen parameter counts per layer group."""
+    parts = []
+    for group in ("backbone", "fpn", "head"):
+        params = list(getattr(model, group).parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        parts.append(f"{group} {trainable / 1e6:.3f}M trainable / {sum(p.numel() for p in params) / 1e6:.3f}M")
+    return "; ".join(parts)

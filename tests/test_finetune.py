@@ -1,0 +1,176 @@
+"""finetune_single_class.py end to end: outputs, stage transitions, the README snippet, config, resume."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import engine
+import finetune_single_class as finetune
+from model_lightweight import create_lightweight_model, save_checkpoint
+from synthetic_data import write_shapes_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAT_CONFIG = {"num_classes": 1, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
+               "stage2_epochs": 1, "stage2_head_lr": 1e-3, "stage2_fpn_lr": 2e-4,
+               "stage3_epochs": 2, "stage3_head_lr": 2e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 2e-5}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The README's layout: train/JPEGImages + train/annotations.json, val/*.jpg + val/annotations.json,
+    with a second category in the files, and a backbone file written by the pretraining code."""
+    root = tmp_path_factory.mktemp("finetune")
+    write_shapes_split(root / "train" / "JPEGImages", root / "train" / "annotations.json", 12,
+                       ["whiteline", "kerb"], img_size=96, seed=0)
+    write_shapes_split(root / "val", root / "val" / "annotations.json", 4, ["whiteline", "kerb"], img_size=96, seed=1)
+    backbone = root / "best_backbone.pth"
+    save_checkpoint(create_lightweight_model(3, "nano", img_size=64).backbone_checkpoint(class_names=["a", "b", "c"]),
+                    backbone)
+    flat = dict(FLAT_CONFIG, pretrained_backbone_path=str(backbone))
+    (root / "flat.json").write_text(json.dumps(flat))
+    return root
+
+
+def base_args(data, output_dir):
+    return ["--config", str(data / "flat.json"), "--class-name", "WHITELINE",
+            "--train-root", str(data / "train" / "JPEGImages"), "--train-ann", str(data / "train" / "annotations.json"),
+            "--val-root", str(data / "val"), "--val-ann", str(data / "val" / "annotations.json"),
+            "--batch-size", "4", "--model-size", "nano", "--img-size", "64", "--workers", "0", "--device", "cpu",
+            "--output-dir", str(output_dir)]
+
+
+def test_cli_end_to_end_outputs_and_readme_snippet(data, tmp_path):
+    result = subprocess.run([sys.executable, "finetune_single_class.py", *base_args(data, tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = [tmp_path / d for d in os.listdir(tmp_path)]
+    assert run_dir.name.startswith("whiteline_")
+    for name in ("best_model.pth", "last_model.pth", "config.json", "metrics.csv", "summary.json", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["stage"]) for r in rows] == [1, 2, 3, 3]
+    assert {"mAP", "mAP50", "precision", "recall", "f1", "best_f1_threshold", "loss_cls"} <= set(rows[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_stage"] in (1, 2, 3) and "mAP50" in summary["best_metrics"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["stage1_head_lr"] == 2e-3 and config["batch_size"] == 4  # flat file and CLI both applied
+
+    # The README's usage snippet, verbatim apart from the size.
+    model = create_lightweight_model(num_classes=1, model_size="nano")
+    checkpoint = torch.load(run_dir / "best_model.pth")
+    model.load_state_dict(checkpoint["model_state_dict"])
+    model.eval()
+    predictions = model.predict(torch.rand(3, 80, 120), conf_threshold=0.5)
+    assert set(predictions[0]) == {"boxes", "scores", "labels"}
+    assert checkpoint["class_names"] == ["whiteline"] and checkpoint["epoch"] == summary["best_epoch"]
+    torch.load(run_dir / "last_model.pth", weights_only=True)
+
+
+def test_stage_transitions_freeze_bn_and_set_learning_rates(data, tmp_path, monkeypatch):
+    seen = {}
+    real = engine.train_one_epoch
+
+    def spy(model, criterion, optimizer, loader, device, epoch, *args, **kwargs):
+        model.train()
+        seen[epoch] = {
+            "grad": {g: any(p.requires_grad for p in getattr(model, g).parameters()) for g in ("backbone", "fpn", "head")},
+            "bn_train": {g: all(m.training for m in getattr(model, g).modules() if isinstance(m, _BatchNorm))
+                         for g in ("backbone", "fpn", "head")},
+            "lrs": {group["name"]: group["initial_lr"] for group in optimizer.param_groups},
+        }
+        return real(model, criterion, optimizer, loader, device, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    finetune.main(base_args(data, tmp_path) + ["--seed", "1"])
+    assert seen[1]["grad"] == {"backbone": False, "fpn": False, "head": True}
+    assert seen[1]["bn_train"] == {"backbone": False, "fpn": False, "head": True}
+    assert seen[1]["lrs"] == {"head": 2e-3, "head_no_decay": 2e-3}
+    assert seen[2]["grad"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[2]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[2]["lrs"] == {"fpn": 2e-4, "fpn_no_decay": 2e-4, "head": 1e-3, "head_no_decay": 1e-3}
+    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
+    assert seen[3]["bn_train"] == {"backbone": True, "fpn": True, "head": True}
+    assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 1e-4 and seen[3]["lrs"]["head"] == 2e-4
+
+
+def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):
+    captured = {}
+    real = finetune.build_model
+
+    def spy(config):
+        captured["model"] = real(config)
+        return captured["model"]
+
+    monkeypatch.setattr(finetune, "build_model", spy)
+    args = base_args(data, tmp_path) + ["--seed", "2"]
+    source = torch.load(data / "best_backbone.pth", weights_only=True)["backbone_state_dict"]
+    zero = dict(FLAT_CONFIG, stage1_epochs=1, stage2_epochs=0, stage3_epochs=0)
+    (tmp_path / "heads_only.json").write_text(json.dumps(dict(zero, pretrained_backbone_path=str(data / "best_backbone.pth"))))
+    args[1] = str(tmp_path / "heads_only.json")
+    finetune.main(args)
+    for key, value in source.items():  # backbone frozen in stage 1: still exactly the pretrained weights
+        assert torch.equal(captured["model"].backbone.state_dict()[key], value), key
+
+    (tmp_path / "scratch.json").write_text(json.dumps(zero))
+    args[1] = str(tmp_path / "scratch.json")
+    finetune.main(args + ["--no-pretrained"])
+    first = next(iter(source))
+    assert not torch.equal(captured["model"].backbone.state_dict()[first], source[first])
+
+
+def test_resume_mid_stage_equals_uninterrupted_run(data, tmp_path, monkeypatch):
+    full = finetune.main(base_args(data, tmp_path / "full"))
+
+    real = engine.train_one_epoch
+
+    def crash_at_epoch_4(*args, **kwargs):
+        if args[5] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", crash_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(base_args(data, tmp_path / "interrupted"))
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    (run_dir,) = [tmp_path / "interrupted" / d for d in os.listdir(tmp_path / "interrupted")]
+    assert torch.load(run_dir / "last_model.pth", weights_only=True)["epoch"] == 3  # mid stage 3
+    resumed = finetune.main(["--resume", str(run_dir / "last_model.pth"), "--workers", "0"])
+
+    a = torch.load(os.path.join(full["run_dir"], "last_model.pth"), weights_only=True)
+    b = torch.load(run_dir / "last_model.pth", weights_only=True)
+    for key in a["train_state_dict"]:
+        assert torch.allclose(a["train_state_dict"][key].float(), b["train_state_dict"][key].float(),
+                              atol=1e-6), key
+    for key in a["model_state_dict"]:
+        assert torch.allclose(a["model_state_dict"][key].float(), b["model_state_dict"][key].float(),
+                              atol=1e-6), key
+    with open(run_dir / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert resumed["last_epoch"] == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class-name", "zebra"], "available: whiteline, kerb"),
+    (["--model-size", "tiny"], "holds a 'nano' backbone but model_size is 'tiny'"),
+    (["--img-size", "100"], "not a multiple of 32"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(data, tmp_path, extra, message):
+    result = subprocess.run([sys.executable, "finetune_single_class.py", *base_args(data, tmp_path), *extra],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_config_key_names_the_nearest(data, tmp_path):
+    (tmp_path / "typo.json").write_text(json.dumps({"stage1_head_lrr": 1e-3}))
+    args = base_args(data, tmp_path)
+    args[1] = str(tmp_path / "typo.json")
+    with pytest.raises(engine.ConfigError, match="did you mean 'stage1_head_lr'"):
+        finetune.main(args)
