@@ -281,8 +281,9 @@ def build_warmup_cosine_restarts(optimizer, warmup_iters, warmup_start_factor, t
 
 
 def build_warmup_cosine(optimizer, total_iters, warmup_iters, warmup_start_factor, final_factor):
-    """Linear warmup, then one cosine decay to lr * final_factor over the rest (one fine-tuning stage)."""
-    warmup_iters = min(warmup_iters, max(total_iters - 1, 0))
+    """Linear warmup, then one cosine decay to lr * final_factor over the rest (one fine-tuning stage).
+    The warmup is capped at a fifth of the stage: on a small data set a fixed count would eat most of it."""
+    warmup_iters = min(warmup_iters, total_iters // 5)
 
     def factor(it):
         if it < warmup_iters:

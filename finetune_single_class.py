@@ -141,6 +141,10 @@ def build_data(config):
     val = CocoDetectionDataset(config["val_ann"], config["val_root"], classes=train.class_names)
     loader = build_dataloader(train, config["batch_size"], shuffle=True, num_workers=config["workers"],
                               drop_last=len(train) > config["batch_size"], seed=config["seed"])
+    if loader.num_workers > 0:
+        # Start the persistent workers now: their base seed is drawn from the generator on the first
+        # iteration only, and a resumed run must shuffle like an uninterrupted one (reseeded per epoch).
+        iter(loader)
     return loader, val, train.class_names
 
 

@@ -202,7 +202,8 @@ class DetectionHead(nn.Module):
     def reset_classifier(self, num_classes):
         """New class outputs with the focal-loss prior; the branches and box outputs keep their weights."""
         device = self.box_pred.weight.device
-        self.cls_pred = nn.Conv2d(self.box_pred.in_channels, num_classes, 1).to(device)
+        self.cls_pred = nn.Conv2d(self.box_pred.in_channels, num_classes, 1).to(
+            device, memory_format=torch.channels_last)
         nn.init.normal_(self.cls_pred.weight, std=0.01)
         nn.init.constant_(self.cls_pred.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
         self.num_classes = num_classes
@@ -251,6 +252,8 @@ class LightweightDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
+        # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
+        self.to(memory_format=torch.channels_last)
 
     @property
     def num_classes(self):
@@ -273,7 +276,7 @@ class LightweightDetector(nn.Module):
             dict with "cls_logits" (B, A, num_classes) raw logits; "box_ltrb" (B, A, 4) distances in
             input pixels; "points" (A, 2) xy grid centres; "strides" (A,); "level_sizes" list of A per level.
         """
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(x))
         cls_logits, box_ltrb = self.head(features, self.strides)
         sizes = [f.shape[-2:] for f in features]

@@ -1,0 +1,397 @@
+"""Export a trained detector to ONNX, check it with ONNX Runtime, and write a JSON sidecar for deployment.
+
+    python export.py --checkpoint finetune_results/whiteline_*/best_model.pth --format onnx
+    python export.py --checkpoint best_model.pth --img-size 320 --dynamic-batch --output model.onnx
+    python export.py --checkpoint best_model.pth --include-nms --conf 0.4 --check-image street.jpg
+
+The graph takes float32 (B, 3, S, S) RGB images in [0, 1], letterboxed to S (longer side resized to S,
+padded right/bottom with 114/255); ImageNet normalisation is inside it. It returns
+  boxes   (B, A, 4) xyxy in network-input pixels (divide by the letterbox ratio for original pixels)
+  scores  (B, A, C) per-class sigmoid probabilities
+or, with --include-nms, one output
+  detections  (N, 7) rows [batch_index, x1, y1, x2, y2, score, class_index], class-aware NMS by the ONNX
+              NonMaxSuppression op at the --conf/--iou/--max-det baked into the graph (--max-det is per class).
+BatchNorm is folded into the convolutions first (the head's shared conv becomes one conv per pyramid
+level, because each level has its own BatchNorm). The classic TorchScript-based exporter
+(`dynamo=False`) is used: it needs no onnxscript and maps NMS to NonMaxSuppression through a symbolic.
+"""
+import argparse
+import copy
+import inspect
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from dataset_coco import load_image
+from model_lightweight import (LETTERBOX_FILL, STRIDES, SharedConvLevelBN, decode_boxes, letterbox,
+                               load_model)
+
+logger = logging.getLogger("export")
+
+DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12 runs every op used here at 17; NonMaxSuppression needs >= 11
+CHECK_TOLERANCE = 1e-4  # ONNX Runtime vs PyTorch: scores, and boxes as a fraction of the input side
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+
+class FusedLevelConv(nn.Module):
+    """SharedConvLevelBN with BatchNorm folded in: one conv per level (same weights, per-level scale and bias)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.convs = nn.ModuleList(fuse_conv_bn_eval(shared.conv, norm) for norm in shared.norms)
+        self.act = shared.act
+
+    def forward(self, x, level):
+        return self.act(self.convs[level](x))
+
+
+def fuse_batchnorm(model):
+    """An eval-mode copy of `model` with every BatchNorm folded into the convolution before it.
+
+    Conv -> BN pairs inside Sequentials (Conv2dNormActivation) become one conv; each SharedConvLevelBN
+    becomes a FusedLevelConv. Raises RuntimeError if a BatchNorm is left, so a new layer type is not
+    exported unfused by accident. The original model is not changed.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in list(fused.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                    module[i + 1] = nn.Identity()
+        for name, child in list(module.named_children()):
+            if isinstance(child, SharedConvLevelBN):
+                setattr(module, name, FusedLevelConv(child))
+    left = [name for name, module in fused.named_modules() if isinstance(module, _BatchNorm)]
+    if left:
+        raise RuntimeError(f"fuse_batchnorm left {len(left)} BatchNorm layers unfused, e.g. {left[:3]}")
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------- export graph
+
+class _MultiClassNMS(torch.autograd.Function):
+    """Per-image, per-class NMS with ONNX NonMaxSuppression semantics.
+
+    PyTorch runs torchvision's batched_nms; the exporter emits one NonMaxSuppression op (symbolic below).
+    Returns int64 (N, 3) rows [batch, class, box], ordered by batch, class, then score descending, with at
+    most `max_per_class` rows per (batch, class) and only scores > `score_threshold`, as ONNX Runtime does.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes, scores, max_per_class, iou_threshold, score_threshold):
+        selected = []
+        for b in range(boxes.shape[0]):
+            classes, anchors = torch.nonzero(scores[b] > score_threshold, as_tuple=True)  # scores (B, C, A)
+            class_scores = scores[b, classes, anchors]
+            keep = torchvision.ops.batched_nms(boxes[b, anchors], class_scores, classes, iou_threshold)
+            keep = keep[torch.sort(classes[keep], stable=True).indices]  # by class, score order kept
+            counts = torch.zeros_like(keep)
+            for c in classes[keep].unique():
+                in_class = classes[keep] == c
+                counts[in_class] = torch.arange(int(in_class.sum()))
+            keep = keep[counts < max_per_class]
+            selected.append(torch.stack([torch.full_like(keep, b), classes[keep], anchors[keep]], dim=1))
+        return torch.cat(selected) if selected else torch.zeros(0, 3, dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_class, iou_threshold, score_threshold):
+        def constant(value, dtype):
+            return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
+        # center_point_box=0 reads corners as [y1, x1, y2, x2]; IoU is the same for xyxy corners.
+        return g.op("NonMaxSuppression", boxes, scores, constant(max_per_class, torch.int64),
+                    constant(iou_threshold, torch.float32), constant(score_threshold, torch.float32))
+
+
+class ExportModel(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> (boxes (B, A, 4) xyxy input pixels, scores (B, A, C) sigmoid),
+    or with include_nms -> detections (N, 7) [batch_index, x1, y1, x2, y2, score, class_index]."""
+
+    def __init__(self, model, include_nms=False, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+        super().__init__()
+        self.model = model
+        self.include_nms = include_nms
+        self.nms_args = (int(max_detections), float(iou_threshold), float(conf_threshold))
+
+    def forward(self, images):
+        outputs = self.model(images)
+        boxes = decode_boxes(outputs["points"], outputs["box_ltrb"])  # (B, A, 4)
+        scores = outputs["cls_logits"].sigmoid()  # (B, A, C)
+        if not self.include_nms:
+            return boxes, scores
+        scores_by_class = scores.transpose(1, 2)  # (B, C, A), the layout NonMaxSuppression reads
+        selected = _MultiClassNMS.apply(boxes, scores_by_class, *self.nms_args)  # (N, 3)
+        batch, cls, anchor = selected[:, 0], selected[:, 1], selected[:, 2]
+        num_anchors, num_classes = scores.shape[1], scores.shape[2]
+        # Flat gathers instead of advanced indexing: each becomes one ONNX Gather.
+        kept_boxes = boxes.reshape(-1, 4)[batch * num_anchors + anchor]
+        kept_scores = scores_by_class.reshape(-1)[(batch * num_classes + cls) * num_anchors + anchor]
+        return torch.cat([batch[:, None].float(), kept_boxes, kept_scores[:, None], cls[:, None].float()], 1)
+
+
+def output_spec(model, img_size, include_nms, dynamic_batch):
+    """Output names and shapes (strings for dynamic dimensions) of the exported graph."""
+    batch = "batch" if dynamic_batch else 1
+    num_anchors = sum((img_size // stride) ** 2 for stride in STRIDES)
+    if include_nms:
+        return {"detections": {"shape": ["num_detections", 7],
+                               "columns": ["batch_index", "x1", "y1", "x2", "y2", "score", "class_index"],
+                               "format": "xyxy, network-input pixels; class_index into class_names"}}
+    return {"boxes": {"shape": [batch, num_anchors, 4], "format": "xyxy, network-input pixels"},
+            "scores": {"shape": [batch, num_anchors, model.num_classes], "format": "per-class sigmoid"}}
+
+
+def export_onnx(module, path, img_size, output_names, opset, dynamic_batch):
+    """torch.onnx.export with the TorchScript-based exporter (dynamo=False), then onnx.checker."""
+    import onnx
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in output_names
+                                                    if name != "detections"}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript exporter, tracer notes
+        # torch < 2.5 has no `dynamo` argument and only the TorchScript exporter.
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        torch.onnx.export(module, (torch.rand(1, 3, img_size, img_size),), path, **legacy,
+                          opset_version=opset, input_names=["images"], output_names=list(output_names),
+                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(path))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _sorted_rows(detections):
+    """NMS rows in a canonical order (batch, class, -score, box), so tie order cannot fail a comparison."""
+    d = np.asarray(detections, dtype=np.float64).reshape(-1, 7)
+    return d[np.lexsort((d[:, 1], d[:, 2], d[:, 3], d[:, 4], -d[:, 5], d[:, 6], d[:, 0]))]
+
+
+def run_pytorch(module, images):
+    with torch.no_grad():
+        outputs = module(images)
+    return [o.numpy() for o in ((outputs,) if isinstance(outputs, torch.Tensor) else outputs)]
+
+
+def max_abs_diffs(expected, got, output_names):
+    """{name: max abs difference} between two lists of output arrays; box coordinates are in input pixels.
+
+    NMS detections are compared in a canonical row order and split into their box columns
+    ("detections: boxes") and the rest ("detections: batch, score, class")."""
+    diffs = {}
+    for name, want, have in zip(output_names, expected, got):
+        if name == "detections":
+            want, have = _sorted_rows(want), _sorted_rows(have)
+        if want.shape != have.shape:
+            logger.warning("%s: shapes differ, %s vs %s", name, want.shape, have.shape)
+            diffs[name] = float("inf")
+        elif name == "detections":
+            diff = np.abs(want - have) if want.size else np.zeros((1, 7))
+            diffs["detections: boxes"] = float(diff[:, 1:5].max())
+            diffs["detections: batch, score, class"] = float(diff[:, [0, 5, 6]].max())
+        else:
+            diffs[name] = float(np.abs(want - have).max()) if want.size else 0.0
+    return diffs
+
+
+def _is_box(name):
+    return name.endswith("boxes")
+
+
+def within_tolerance(diffs, img_size, tolerance=CHECK_TOLERANCE):
+    """Scores must agree to `tolerance`; box coordinates to `tolerance` of the input side.
+
+    Box coordinates are pixels up to S: float32 rounding alone moves a trained model's boxes by ~1e-4 px
+    at S=320 (BN folding in PyTorch does too), so an absolute 1e-4 px would fail correct exports.
+    """
+    return all(diff <= tolerance * (img_size if _is_box(name) else 1) for name, diff in diffs.items())
+
+
+def check_inputs(img_size, dynamic_batch, check_image=None, seed=0):
+    """{description: float (B, 3, S, S) in [0, 1]}: random batches, and the letterboxed check image."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {"random batch 1": torch.rand(1, 3, img_size, img_size, generator=generator)}
+    if dynamic_batch:
+        inputs["random batch 2"] = torch.rand(2, 3, img_size, img_size, generator=generator)
+    if check_image is not None:
+        image, _ = letterbox(load_image(check_image), img_size)
+        inputs[f"letterboxed {os.path.basename(check_image)}"] = image[None]
+    return inputs
+
+
+def median_latency_ms(fn, runs, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure_latency(modules, session, img_size, runs, warmup):
+    """Median batch-1 CPU latency in ms of each PyTorch module (eager, no_grad) and of the ONNX session."""
+    image = torch.rand(1, 3, img_size, img_size)
+    latencies = {}
+    with torch.inference_mode():
+        for name, module in modules.items():
+            latencies[name] = median_latency_ms(lambda: module(image), runs, warmup)
+    feed = {"images": image.numpy()}
+    latencies["onnxruntime"] = median_latency_ms(lambda: session.run(None, feed), runs, warmup)
+    return latencies
+
+
+# ---------------------------------------------------------------------------------------------- sidecar
+
+def sidecar(model, args, onnx_path, outputs):
+    """Everything a deployment needs besides the .onnx file: classes, input contract, outputs, opset."""
+    config = model.model_config
+    return {
+        "format": "onnx", "model_file": os.path.basename(onnx_path), "opset": args.opset,
+        "model_size": model.model_size, "num_classes": model.num_classes, "class_names": list(model.class_names),
+        "input": {
+            "name": "images", "shape": ["batch" if args.dynamic_batch else 1, 3, args.img_size, args.img_size],
+            "dtype": "float32", "layout": "NCHW", "color": "RGB", "value_range": [0.0, 1.0],
+            "letterbox": {"size": args.img_size, "resize": "longer side to size, aspect kept, bilinear antialias",
+                          "pad": "right and bottom", "pad_value": LETTERBOX_FILL / 255,
+                          "pad_value_uint8": LETTERBOX_FILL,
+                          "to_original_pixels": "divide x by new_width / width and y by new_height / height"},
+            "normalization": {"mean": list(config["mean"]), "std": list(config["std"]),
+                              "applied_inside_model": True}},
+        "outputs": outputs,
+        "postprocess": {"conf_threshold": args.conf, "iou_threshold": args.iou, "max_detections": args.max_det,
+                        "max_detections_per": "image and class" if args.include_nms else "image",
+                        "nms": "in graph (ONNX NonMaxSuppression, per class)" if args.include_nms
+                        else "not in graph: class-aware NMS over boxes/scores (torchvision.ops.batched_nms)"},
+        "batchnorm_fused": True, "torch_version": torch.__version__,
+        "checkpoint": os.path.basename(args.checkpoint),
+    }
+
+
+def write_json(payload, path):
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp_path, path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="square input side, a multiple of 32 (default: the checkpoint's img_size)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="batch dimension dynamic (default: 1)")
+    parser.add_argument("--include-nms", action="store_true", help="NMS inside the graph; output detections (N, 7)")
+    parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the in-graph NMS")
+    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of the in-graph NMS")
+    parser.add_argument("--max-det", type=int, default=100, help="in-graph NMS: detections kept per image and class")
+    parser.add_argument("--output", default=None, help="ONNX path (default: next to the checkpoint, same stem)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (>= 11)")
+    parser.add_argument("--check-image", default=None, help="also compare outputs on this image, letterboxed")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per latency measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs before the latency measurement")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch and ONNX Runtime alike (default: torch.get_num_threads())")
+    return parser
+
+
+def _load(args):
+    try:
+        model = load_model(args.checkpoint, device="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
+        raise ValueError(f"cannot load --checkpoint {args.checkpoint}: {type(error).__name__}: "
+                         f"{(str(error) or '?').splitlines()[0]}") from None
+    args.img_size = args.img_size or model.img_size
+    if args.img_size % max(STRIDES) or args.img_size <= 0:
+        raise ValueError(f"--img-size {args.img_size} is not a positive multiple of {max(STRIDES)}")
+    if args.opset < 11:
+        raise ValueError(f"--opset {args.opset}: NonMaxSuppression and the ops used here need opset >= 11")
+    if args.check_image is not None and not os.path.isfile(args.check_image):
+        raise FileNotFoundError(f"--check-image not found: {args.check_image}")
+    return model
+
+
+def main(argv=None):
+    """Fuse, export, check against PyTorch, time, write the sidecar; returns a dict of paths and figures."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    onnx_path = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
+    sidecar_path = os.path.splitext(onnx_path)[0] + ".json"
+    nms_args = dict(include_nms=args.include_nms, conf_threshold=args.conf, iou_threshold=args.iou,
+                    max_detections=args.max_det)
+    reference = ExportModel(model, **nms_args).eval()
+    exported = ExportModel(fuse_batchnorm(model), **nms_args).eval()
+    outputs = output_spec(model, args.img_size, args.include_nms, args.dynamic_batch)
+
+    export_onnx(exported, onnx_path, args.img_size, outputs, args.opset, args.dynamic_batch)
+    print(f"exported {onnx_path} (opset {args.opset}, {args.img_size}x{args.img_size}, "
+          f"batch {'dynamic' if args.dynamic_batch else 1}, outputs {', '.join(outputs)})")
+
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    checks, passed = {}, True
+    for description, images in check_inputs(args.img_size, args.dynamic_batch, args.check_image).items():
+        expected = run_pytorch(reference, images)
+        diffs = max_abs_diffs(expected, session.run(list(outputs), {"images": images.numpy()}), outputs)
+        fused_diff = max_abs_diffs(expected, run_pytorch(exported, images), outputs)
+        checks[description] = {"onnxruntime_vs_pytorch": diffs, "fused_vs_unfused": fused_diff}
+        passed &= within_tolerance(diffs, args.img_size)
+        print(f"check {description}: max abs diff ONNX Runtime vs PyTorch {_describe(diffs, args.img_size)}; "
+              f"BN-fused vs unfused PyTorch {_describe(fused_diff, args.img_size)}")
+
+    latency = measure_latency({"pytorch": reference, "pytorch_fused": exported}, session, args.img_size,
+                              args.runs, args.warmup)
+    print(f"CPU latency, batch 1, {args.img_size}x{args.img_size}, {torch.get_num_threads()} threads, median of "
+          f"{args.runs} runs after {args.warmup} warm-up: PyTorch {latency['pytorch']:.2f} ms, PyTorch "
+          f"BN-fused {latency['pytorch_fused']:.2f} ms, ONNX Runtime {latency['onnxruntime']:.2f} ms "
+          f"(onnxruntime {onnxruntime.__version__})")
+
+    write_json(sidecar(model, args, onnx_path, outputs), sidecar_path)
+    print(f"wrote {sidecar_path}")
+    if not passed:
+        raise ValueError(f"ONNX Runtime outputs differ from PyTorch's by more than {CHECK_TOLERANCE:g} (boxes: of "
+                         f"the input side; see the check lines above); {onnx_path} was written but should not "
+                         f"be trusted")
+    return {"onnx_path": onnx_path, "sidecar_path": sidecar_path, "opset": args.opset, "img_size": args.img_size,
+            "checks": checks, "passed": passed, "latency_ms": latency, "threads": torch.get_num_threads()}
+
+
+def _describe(diffs, img_size):
+    return ", ".join(f"{name} {diff:.2e}" + (f" px ({diff / img_size:.1e} of the side)" if _is_box(name) else "")
+                     for name, diff in diffs.items())
+
+
+def run():
+    """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

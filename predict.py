@@ -1,0 +1,292 @@
+"""Run a trained detector on images: drawn pictures, COCO-format results, optional evaluation.
+
+    python predict.py --checkpoint finetune_results/whiteline_*/best_model.pth --source photos/ \\
+        --conf 0.5 --iou 0.6 --save-dir predictions/
+    python predict.py --checkpoint best_model.pth --source "data/**/*.jpg" --save-dir predictions/
+    python predict.py --checkpoint best_model.pth --source val/images --ann val/annotations.json
+
+--source is an image, a folder (its images, not subfolders) or a glob (quote it; ** recurses). Images
+are jpg/jpeg/png/bmp/webp in any case, read by dataset_coco.load_image (EXIF orientation, grayscale,
+palette, alpha, CMYK and 16-bit handled). --save-dir receives each image with its boxes drawn, under its
+own name (paths relative to the source folder for recursive globs), and predictions.json: COCO results
+({"image_id", "file_name", "category_id", "category_name", "bbox" xywh pixels, "score"}). With --ann,
+category and image ids are that file's (matched by class name and file name), and the detections are
+scored against its ground truth with evaluate.coco_metrics; otherwise categories are 1..K in the
+checkpoint's class order and images 1..N in sorted path order.
+"""
+import argparse
+import contextlib
+import glob
+import io
+import json
+import logging
+import os
+import sys
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from dataset_coco import load_image
+from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
+from model_lightweight import load_model
+
+logger = logging.getLogger("predict")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Distinct, saturated box colours, cycled by class index (Tableau 10).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+SUMMARY_SCORES = 10  # scores listed per class in the one-line summary of an image
+
+
+class PredictError(ValueError):
+    """Bad input for predict.py: reported as one line and exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def find_images(source):
+    """Sorted image paths of `source` (a file, a folder, non-recursive, or a glob) and their names.
+
+    Returns:
+        (paths, names): names are paths relative to the folder the images share (the base name for one
+        folder), used for the drawn copies and in predictions.json.
+    """
+    if os.path.isdir(source):
+        paths = [os.path.join(source, name) for name in os.listdir(source)]
+    elif os.path.isfile(source):
+        if not source.lower().endswith(IMAGE_EXTENSIONS):
+            raise PredictError(f"--source {source} is not a {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} image")
+        paths = [source]
+    else:
+        paths = glob.glob(source, recursive=True)
+    paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        what = "folder" if os.path.isdir(source) else "glob" if glob.has_magic(source) else "path"
+        raise PredictError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in --source "
+                           f"{what} {source}")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return paths, [os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, uint8 (3, H, W) image or None, error message or None) per path; bad files do not raise."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, load_image(self.paths[index]), None
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+            return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def coco_ids(ann_path, names, class_names):
+    """Category ids (by class name, case-insensitive) and image ids (by file name) from a COCO file.
+
+    Returns:
+        (COCO object, category_ids in class order, image_ids in `names` order).
+    """
+    if not os.path.isfile(ann_path):
+        raise PredictError(f"--ann not found: {ann_path}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO(ann_path)
+    except (ValueError, KeyError, TypeError) as error:
+        raise PredictError(f"--ann {ann_path} is not a COCO annotation file: {error}") from None
+    by_name = {}
+    for category in coco.loadCats(coco.getCatIds()):
+        by_name.setdefault(category["name"].lower(), []).append(category["id"])
+    category_ids = []
+    for name in class_names:
+        ids = by_name.get(str(name).lower(), [])
+        if not ids:
+            raise PredictError(f"class {name!r} of the checkpoint is not in --ann {ann_path}; its categories: "
+                               f"{', '.join(c['name'] for c in coco.loadCats(coco.getCatIds()))}")
+        if len(ids) > 1:
+            raise PredictError(f"class {name!r} matches several categories of --ann {ann_path}: ids {ids}")
+        category_ids.append(ids[0])
+    by_file = {}
+    for image in coco.dataset.get("images", []):
+        file_name = image["file_name"].replace("\\", "/")
+        by_file[file_name] = by_file[os.path.basename(file_name)] = image["id"]
+    missing = [name for name in names
+               if name.replace(os.sep, "/") not in by_file and os.path.basename(name) not in by_file]
+    if missing:
+        raise PredictError(f"{len(missing)}/{len(names)} images are not in --ann {ann_path} (e.g. "
+                           f"{', '.join(missing[:3])}); pass a --source that holds only its images")
+    image_ids = [by_file.get(name.replace(os.sep, "/"), by_file.get(os.path.basename(name))) for name in names]
+    return coco, category_ids, image_ids
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+def predict_images(model, paths, skipped, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+                   batch_size=8, workers=0, progress=True):
+    """Yield (index, uint8 (3, H, W) image, CPU result of model.predict) per readable path, in batches with
+    a progress bar; unreadable paths are logged and appended to `skipped`."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
+        for index, _, error in (item for item in batch if item[1] is None):
+            logger.warning("skipped unreadable image %s: %s", paths[index], error)
+            skipped.append(paths[index])
+        batch = [item for item in batch if item[1] is not None]
+        if batch:
+            results = model.predict([image for _, image, _ in batch], conf_threshold, iou_threshold, max_detections)
+            for (index, image, _), result in zip(batch, results):
+                yield index, image, {key: value.cpu() for key, value in result.items()}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def results_json(result, name, image_id, category_ids, class_names):
+    """COCO result dicts of one image, with its file name and the category name added."""
+    detections = predictions_to_coco([result], [image_id], category_ids)
+    return [{"image_id": d["image_id"], "file_name": name.replace(os.sep, "/"), "category_id": d["category_id"],
+             "category_name": class_names[label], "bbox": [round(v, 2) for v in d["bbox"]],
+             "score": round(d["score"], 5)}
+            for d, label in zip(detections, result["labels"].tolist())]
+
+
+def draw(image, result, class_names):
+    """uint8 (3, H, W) image with boxes and "name score" labels drawn; line width scales with the image."""
+    labels = result["labels"].tolist()
+    if not labels:
+        return image
+    captions = [f"{class_names[label]} {score:.2f}" for label, score in zip(labels, result["scores"].tolist())]
+    width = max(1, round(max(image.shape[-2:]) / 320))
+    return draw_bounding_boxes(image, result["boxes"], captions,
+                               colors=[PALETTE[label % len(PALETTE)] for label in labels], width=width,
+                               fill_labels=True)
+
+
+def save_image(image, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    picture.save(path, **({"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}))
+
+
+def summary_line(name, result, class_names):
+    """'name.jpg: 2 square (0.91, 0.88), 1 circle (0.54)', classes by first (highest-scoring) detection."""
+    groups = {}
+    for label, score in zip(result["labels"].tolist(), result["scores"].tolist()):
+        groups.setdefault(label, []).append(score)
+    if not groups:
+        return f"{name}: no detections"
+    return f"{name}: " + ", ".join(f"{len(scores)} {class_names[label]} ({_scores_text(scores)})"
+                                   for label, scores in groups.items())
+
+
+def _scores_text(scores):
+    shown = ", ".join(f"{score:.2f}" for score in scores[:SUMMARY_SCORES])
+    return shown + (", ..." if len(scores) > SUMMARY_SCORES else "")
+
+
+def above(result, conf_threshold):
+    keep = result["scores"] > conf_threshold
+    return {key: value[keep] for key, value in result.items()}
+
+
+def write_json(payload, path):
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp_path, path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
+    parser.add_argument("--source", required=True, help="an image, a folder of images, or a quoted glob")
+    parser.add_argument("--conf", type=float, default=0.5, help="score threshold for drawn and saved detections")
+    parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=100, help="detections kept per image")
+    parser.add_argument("--save-dir", default="predictions", help="folder for drawn images and predictions.json")
+    parser.add_argument("--ann", default=None, help="COCO annotation JSON of the source images: ids and evaluation")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: main process)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device, e.g. cpu or cuda")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _load(checkpoint, device):
+    try:
+        return load_model(checkpoint, device=device)
+    except FileNotFoundError:
+        raise PredictError(f"--checkpoint not found: {checkpoint}") from None
+    except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
+        raise PredictError(f"cannot load --checkpoint {checkpoint}: {type(error).__name__}: "
+                           f"{(str(error) or '?').splitlines()[0]}") from None
+
+
+def main(argv=None):
+    """Predict, draw, write predictions.json, optionally evaluate.
+
+    Returns:
+        dict with "images" (predicted), "skipped" (unreadable paths), "detections" (saved at --conf),
+        "save_dir", "predictions_json" and, with --ann, "metrics" (evaluate.coco_metrics).
+    """
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = _load(args.checkpoint, args.device)
+    class_names = list(model.class_names)
+    paths, names = find_images(args.source)
+    if args.ann:
+        coco, category_ids, image_ids = coco_ids(args.ann, names, class_names)
+    else:
+        coco, category_ids, image_ids = None, list(range(1, len(class_names) + 1)), list(range(1, len(paths) + 1))
+    # With --ann, detections down to COCO's 0.001 are kept for mAP, so it equals evaluate.py's; the
+    # drawings and predictions.json keep those above --conf.
+    predict_conf = min(args.conf, MAP_SCORE_THRESHOLD) if args.ann else args.conf
+    os.makedirs(args.save_dir, exist_ok=True)
+    saved, all_detections, predicted, skipped = [], [], [], []
+    images = predict_images(model, paths, skipped, predict_conf, args.iou, args.max_det, args.batch_size,
+                            args.workers, args.progress)
+    for index, image, result in images:
+        all_detections += predictions_to_coco([result], [image_ids[index]], category_ids)
+        result = above(result, args.conf)
+        saved += results_json(result, names[index], image_ids[index], category_ids, class_names)
+        save_image(draw(image, result, class_names), os.path.join(args.save_dir, names[index]))
+        tqdm.write(summary_line(names[index], result, class_names))
+        predicted.append(index)
+    if not predicted:
+        raise PredictError(f"none of the {len(paths)} images of --source {args.source} could be read "
+                           f"(e.g. {skipped[0]})")
+    json_path = os.path.join(args.save_dir, "predictions.json")
+    write_json(saved, json_path)
+    print(f"{len(predicted)} images, {len(saved)} detections at conf > {args.conf:g}"
+          f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: drawn images and {json_path}")
+    summary = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "save_dir": args.save_dir,
+               "predictions_json": json_path}
+    if coco is not None:
+        print(f"evaluation against {args.ann}: mAP over the {len(all_detections)} detections with score > "
+              f"{MAP_SCORE_THRESHOLD:g} (as evaluate.py), precision/recall/F1 at --conf {args.conf:g}")
+        summary["metrics"] = coco_metrics(coco, all_detections, [image_ids[i] for i in predicted], category_ids,
+                                          class_names, args.conf)
+        print(format_metrics(summary["metrics"]))
+    return summary
+
+
+def run():
+    """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except (PredictError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,228 @@
+"""predict.py and export.py: drawn images and COCO results, CLI errors, BatchNorm fusion, ONNX Runtime parity.
+
+The model is a random-init nano at 64 px whose BatchNorm statistics and prediction layers are randomised,
+so fusion has real statistics to fold and outputs depend on the input (the focal-prior init would make
+every score ~0.01 and every image look alike).
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import nn
+
+import export
+import predict
+from dataset_coco import load_image
+from model_lightweight import create_lightweight_model, letterbox, load_model, model_checkpoint, save_checkpoint
+from synthetic_data import write_shapes_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASS_NAMES = ["square", "circle"]
+CONF = 0.3
+
+
+def randomise(model, seed=0):
+    """Non-trivial BatchNorm statistics and prediction weights, in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+        for conv in (model.head.cls_pred, model.head.box_pred):
+            conv.weight.normal_(0.0, 0.3, generator=generator)
+            conv.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP barriers with 2 threads make each conv wait
+    for a descheduled thread, and a 64 px forward pass took 4 s instead of 25 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """4 synthetic 96 px images (one empty; category ids 1 and 3) and a 2-class nano checkpoint at 64 px."""
+    root = tmp_path_factory.mktemp("predict_export")
+    ann_path = write_shapes_split(root / "images", root / "ann.json", 4, CLASS_NAMES, img_size=96, seed=0,
+                                  empty_fraction=0.25)
+    torch.manual_seed(0)
+    model = randomise(create_lightweight_model(len(CLASS_NAMES), "nano", img_size=64))
+    checkpoint = str(root / "best_model.pth")
+    save_checkpoint(model_checkpoint(model, CLASS_NAMES), checkpoint)
+    return {"root": root, "image_dir": str(root / "images"), "ann_path": ann_path, "checkpoint": checkpoint}
+
+
+def predict_args(setup, source, save_dir, *extra):
+    return ["--checkpoint", setup["checkpoint"], "--source", str(source), "--save-dir", str(save_dir),
+            "--conf", str(CONF), "--workers", "0", "--device", "cpu", "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+def test_predict_folder_writes_drawn_images_and_coco_results(setup, tmp_path, capsys):
+    summary = predict.main(predict_args(setup, setup["image_dir"], tmp_path, "--ann", setup["ann_path"]))
+
+    inputs = sorted(os.listdir(setup["image_dir"]))
+    assert sorted(os.listdir(tmp_path)) == sorted(inputs + ["predictions.json"])
+    for name in inputs:
+        assert Image.open(tmp_path / name).size == Image.open(os.path.join(setup["image_dir"], name)).size
+    assert summary["images"] == 4 and summary["skipped"] == []
+    assert {"mAP", "mAP50", "precision", "per_class_AP"} <= set(summary["metrics"])
+
+    detections = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(detections) == summary["detections"] > 0
+    gt = COCO(setup["ann_path"])
+    results = gt.loadRes(str(tmp_path / "predictions.json"))  # the round trip the issue asks for
+    assert len(results.anns) == len(detections)
+    ids_by_file = {image["file_name"]: image["id"] for image in gt.dataset["images"]}
+    names_by_id = {c["id"]: c["name"] for c in gt.dataset["categories"]}
+    for d in detections:
+        assert d["image_id"] == ids_by_file[d["file_name"]]
+        assert names_by_id[d["category_id"]] == d["category_name"]  # ids 1 and 3 from the file
+        assert d["score"] > CONF and len(d["bbox"]) == 4 and d["bbox"][2] >= 0
+
+    # The saved detections of an image are model.predict's above --conf, in xywh.
+    model = load_model(setup["checkpoint"])
+    first = [d for d in detections if d["file_name"] == inputs[0]]
+    (expected,) = model.predict(load_image(os.path.join(setup["image_dir"], inputs[0])), CONF, 0.6, 100)
+    assert len(first) == len(expected["scores"])
+    xyxy = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in first)]
+    np.testing.assert_allclose(xyxy, expected["boxes"].numpy(), atol=0.01)
+
+    out = capsys.readouterr().out
+    assert out.count(": ") >= 4 and f"{inputs[0]}: " in out and "mAP@[.5:.95]" in out
+
+
+def test_predict_glob_single_file_formats_and_unreadable(setup, tmp_path, caplog):
+    source = tmp_path / "mixed"
+    (source / "nested").mkdir(parents=True)
+    image = Image.open(os.path.join(setup["image_dir"], "000001.jpg"))
+    image.convert("RGBA").save(source / "a.png")
+    image.convert("L").save(source / "b.BMP")
+    image.save(source / "c.webp")
+    image.save(source / "nested" / "d.jpg")
+    (source / "notes.txt").write_text("not an image")
+    (source / "broken.jpg").write_bytes(b"not a jpeg")
+
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        folder = predict.main(predict_args(setup, source, tmp_path / "folder"))
+    assert folder["images"] == 3 and folder["skipped"] == [str(source / "broken.jpg")]  # not recursive
+    assert "broken.jpg" in caplog.text
+    assert sorted(os.listdir(tmp_path / "folder")) == ["a.png", "b.BMP", "c.webp", "predictions.json"]
+
+    recursive = predict.main(predict_args(setup, f"{source}/**/*.*", tmp_path / "glob"))
+    assert recursive["images"] == 4 and (tmp_path / "glob" / "nested" / "d.jpg").is_file()
+
+    single = predict.main(predict_args(setup, source / "c.webp", tmp_path / "single", "--conf", "0.0"))
+    detections = json.loads((tmp_path / "single" / "predictions.json").read_text())
+    assert single["images"] == 1 and detections
+    assert {d["image_id"] for d in detections} == {1} and {d["category_id"] for d in detections} <= {1, 2}
+
+    with pytest.raises(predict.PredictError, match="could be read"):
+        predict.main(predict_args(setup, source / "broken.jpg", tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "empty folder"])
+def test_predict_cli_errors_are_one_line(setup, tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = predict_args(setup, empty, tmp_path / "out")
+    if case == "missing checkpoint":
+        args[1] = str(tmp_path / "nope.pth")
+    result = subprocess.run([sys.executable, "predict.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert ("nope.pth" if case == "missing checkpoint" else "no images") in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def test_fused_model_equals_unfused(setup):
+    model = load_model(setup["checkpoint"])
+    fused = export.fuse_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(images), fused(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+def pytorch_outputs(model, images):
+    with torch.no_grad():
+        outputs = model(images)
+    boxes = torch.cat([outputs["points"] - outputs["box_ltrb"][..., :2],
+                       outputs["points"] + outputs["box_ltrb"][..., 2:]], dim=-1)
+    return boxes.numpy(), outputs["cls_logits"].sigmoid().numpy()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+def test_export_onnx_matches_pytorch(setup, tmp_path, dynamic):
+    check_image = os.path.join(setup["image_dir"], "000000.jpg")
+    args = ["--checkpoint", setup["checkpoint"], "--output", str(tmp_path / "model.onnx"), "--runs", "1",
+            "--warmup", "0", "--check-image", check_image] + (["--dynamic-batch"] if dynamic else [])
+    result = export.main(args)
+    assert result["passed"] and result["opset"] == export.DEFAULT_OPSET
+    assert len(result["checks"]) == (3 if dynamic else 2)  # random batch 1 (and 2), the letterboxed image
+    for check in result["checks"].values():  # at 64 px even the boxes agree to 1e-4 px
+        assert max(check["onnxruntime_vs_pytorch"].values()) <= 1e-4
+    assert set(result["latency_ms"]) == {"pytorch", "pytorch_fused", "onnxruntime"}
+
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["class_names"] == CLASS_NAMES and sidecar["opset"] == export.DEFAULT_OPSET
+    assert sidecar["input"]["shape"] == ["batch" if dynamic else 1, 3, 64, 64]
+    assert sidecar["input"]["normalization"]["applied_inside_model"] is True
+    assert sidecar["input"]["letterbox"]["pad_value"] == pytest.approx(114 / 255)
+    assert list(sidecar["outputs"]) == ["boxes", "scores"]
+
+    # Independent of export.py's own check: ONNX Runtime against the model as load_model returns it.
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    letterboxed = letterbox(load_image(check_image), 64)[0][None]
+    images = torch.cat([letterboxed, torch.rand(1, 3, 64, 64)]) if dynamic else letterboxed
+    boxes, scores = session.run(["boxes", "scores"], {"images": images.numpy()})
+    want_boxes, want_scores = pytorch_outputs(load_model(setup["checkpoint"]), images)
+    assert boxes.shape == (len(images), 64 + 16 + 4, 4) and scores.shape == (len(images), 84, 2)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-4, rtol=0)
+
+
+def test_export_with_nms_matches_model_postprocess(setup, tmp_path):
+    result = export.main(["--checkpoint", setup["checkpoint"], "--output", str(tmp_path / "nms.onnx"),
+                          "--include-nms", "--dynamic-batch", "--conf", str(CONF), "--iou", "0.5",
+                          "--max-det", "1000", "--runs", "1", "--warmup", "0"])
+    assert result["passed"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "nms.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    (detections,) = session.run(["detections"], {"images": images.numpy()})
+
+    model = load_model(setup["checkpoint"])
+    with torch.no_grad():
+        expected = model.postprocess(model(images), CONF, 0.5, max_detections=1000)
+    assert len(detections) == sum(len(r["scores"]) for r in expected) > 0
+    for b, want in enumerate(expected):
+        rows = detections[detections[:, 0] == b]
+        rows = rows[np.lexsort((-rows[:, 5], rows[:, 6]))]  # by class, then score descending
+        order = np.lexsort((-want["scores"].numpy(), want["labels"].numpy()))
+        np.testing.assert_array_equal(rows[:, 6], want["labels"].numpy()[order])
+        np.testing.assert_allclose(rows[:, 1:5], want["boxes"].numpy()[order], atol=1e-4)
+        np.testing.assert_allclose(rows[:, 5], want["scores"].numpy()[order], atol=1e-5)
