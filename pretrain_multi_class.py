@@ -220,10 +220,13 @@ def build_model(config, num_classes, model_config=None):
 
 
 def build_optimizer(config, model, iters_per_epoch):
-    """AdamW over the backbone/FPN/head groups; linear warmup then cosine warm restarts, per iteration."""
+    """AdamW over the backbone/FPN/head groups; linear warmup then cosine warm restarts, per iteration.
+    The warmup is capped at 3 epochs (YOLOv5's warmup_epochs): on a small data set 300 iterations can be
+    most of the run. The cap depends on the data and batch size only, so a resumed run builds the same."""
     optimizer = torch.optim.AdamW(model.get_param_groups(config["backbone_lr"], config["fpn_lr"],
                                                          config["head_lr"], config["weight_decay"]))
-    scheduler = engine.build_warmup_cosine_restarts(optimizer, config["warmup_iters"], config["warmup_start_factor"],
+    warmup_iters = min(config["warmup_iters"], 3 * iters_per_epoch)
+    scheduler = engine.build_warmup_cosine_restarts(optimizer, warmup_iters, config["warmup_start_factor"],
                                                     config["T_0"] * iters_per_epoch, config["T_mult"],
                                                     config["eta_min"])
     return optimizer, scheduler
