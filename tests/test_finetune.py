@@ -11,8 +11,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import engine
 import finetune_single_class as finetune
-from model_lightweight import create_lightweight_model, save_checkpoint
-from synthetic_data import write_shapes_split
+import pretrain_multi_class as pretrain
+from model_lightweight import create_lightweight_model
+from synthetic_data import write_coco_layout, write_shapes_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAT_CONFIG = {"num_classes": 1, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
@@ -28,9 +29,11 @@ def data(tmp_path_factory):
     write_shapes_split(root / "train" / "JPEGImages", root / "train" / "annotations.json", 12,
                        ["whiteline", "kerb"], img_size=96, seed=0)
     write_shapes_split(root / "val", root / "val" / "annotations.json", 4, ["whiteline", "kerb"], img_size=96, seed=1)
-    backbone = root / "best_backbone.pth"
-    save_checkpoint(create_lightweight_model(3, "nano", img_size=64).backbone_checkpoint(class_names=["a", "b", "c"]),
-                    backbone)
+    write_coco_layout(root / "coco", ["square", "circle", "ring"], num_train=8, num_val=4, img_size=64)
+    pretrained = pretrain.main(["--coco-root", str(root / "coco"), "--classes", "3", "--epochs", "1",
+                                "--batch-size", "4", "--model-size", "nano", "--img-size", "64", "--workers", "0",
+                                "--device", "cpu", "--output-dir", str(root / "pretrain"), "--no-progress"])
+    backbone = pretrained["last_backbone"]  # written by the pretraining code
     flat = dict(FLAT_CONFIG, pretrained_backbone_path=str(backbone))
     (root / "flat.json").write_text(json.dumps(flat))
     return root
@@ -110,9 +113,10 @@ def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, 
 
     monkeypatch.setattr(finetune, "build_model", spy)
     args = base_args(data, tmp_path) + ["--seed", "2"]
-    source = torch.load(data / "best_backbone.pth", weights_only=True)["backbone_state_dict"]
+    backbone = json.loads((data / "flat.json").read_text())["pretrained_backbone_path"]
+    source = torch.load(backbone, weights_only=True)["backbone_state_dict"]
     zero = dict(FLAT_CONFIG, stage1_epochs=1, stage2_epochs=0, stage3_epochs=0)
-    (tmp_path / "heads_only.json").write_text(json.dumps(dict(zero, pretrained_backbone_path=str(data / "best_backbone.pth"))))
+    (tmp_path / "heads_only.json").write_text(json.dumps(dict(zero, pretrained_backbone_path=backbone)))
     args[1] = str(tmp_path / "heads_only.json")
     finetune.main(args)
     for key, value in source.items():  # backbone frozen in stage 1: still exactly the pretrained weights
