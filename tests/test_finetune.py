@@ -67,7 +67,7 @@ def test_cli_end_to_end_outputs_and_readme_snippet(data, tmp_path):
 
     # The README's usage snippet, verbatim apart from the size.
     model = create_lightweight_model(num_classes=1, model_size="nano")
-    checkpoint = torch.load(run_dir / "best_model.pth")
+    checkpoint = torch.load(run_dir / "best_model.pth")  # verbatim README; torch>=2.6 means weights_only=True
     model.load_state_dict(checkpoint["model_state_dict"])
     model.eval()
     predictions = model.predict(torch.rand(3, 80, 120), conf_threshold=0.5)
