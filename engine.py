@@ -297,10 +297,10 @@ def build_warmup_cosine(optimizer, total_iters, warmup_iters, warmup_start_facto
 def get_rng_state():
     """Python, NumPy and torch RNG states as tensors and plain types (loadable with weights_only=True)."""
     np_state = np.random.get_state()
-    state = {"python": list(random.getstate()[1]) + [random.getstate()[0]], "torch": torch.get_rng_state(),
+    version, internal, gauss = random.getstate()
+    state = {"python": list(internal) + [version], "python_gauss": gauss, "torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    state["python_gauss"] = random.getstate()[2]
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
