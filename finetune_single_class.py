@@ -68,6 +68,7 @@ def get_args_parser():
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return parser
 
 
