@@ -252,7 +252,10 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self.ann_file, self.image_root = str(ann_file), str(image_root)
         self.transforms, self.include_empty = transforms, include_empty
         self.coco = load_coco_json(self.ann_file)
-        self.category_ids, self.class_names = _select_categories(self.coco, classes)
+        try:
+            self.category_ids, self.class_names = _select_categories(self.coco, classes)
+        except ValueError as error:
+            raise ValueError(f"{self.ann_file}: {error}") from None
         self.stats = dict.fromkeys(
             ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty",
              "annotations_total", "annotations_other_classes", "crowd_ignored", "boxes_kept", "boxes_clipped",

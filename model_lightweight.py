@@ -456,7 +456,7 @@ def load_checkpoint_file(path, what="checkpoint"):
             raise ValueError(f"{what} {path} refused: it would run {code.group(1)} when unpickled, and only "
                              f"tensors and plain Python types are loaded (weights_only=True); use a checkpoint "
                              f"written by this toolkit") from None
-        first = (str(error) or "?").splitlines()[0][:200]
+        first = (str(error) or "?").splitlines()[0].split(". ")[0][:200]
         raise ValueError(f"{what} {path} is not a readable torch checkpoint ({type(error).__name__}: {first}); "
                          f"it may be truncated or corrupt: copy or write it again") from None
 

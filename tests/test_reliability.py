@@ -46,6 +46,14 @@ class Evil:
         return open, (self.marker, "w")
 
 
+@pytest.fixture(autouse=True)
+def drop_script_log_handlers():
+    """The scripts' logging.basicConfig binds a handler to this test's captured stderr; remove it after."""
+    yield
+    for handler in [h for h in logging.root.handlers if type(h) is logging.StreamHandler]:
+        logging.root.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Fine-tuning files (train/val, 2 categories at 96 px), a COCO layout for pretraining, a nano backbone
@@ -89,7 +97,7 @@ def exits_with_one_line(capsys, entry, status=2):
         logging.disable(logging.NOTSET)
     err = capsys.readouterr().err
     assert exit_info.value.code == status, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
