@@ -46,6 +46,7 @@ DEFAULTS = {
     "stage3_train_bn": True, "stage_warmup_iters": 50, "stage_final_lr_factor": 0.05,
     "weight_decay": 0.05, "clip_grad_norm": 5.0, "ema_decay": 0.9998, "ema_ramp_iters": 2000,
     "warmup_start_factor": 0.001, "conf_threshold": 0.5, "progress": True,
+    "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
 }
 
 
@@ -114,8 +115,12 @@ def check_config(config):
     if sum(config[f"stage{i}_epochs"] for i in range(1, 4)) == 0:
         raise engine.ConfigError("every stage has 0 epochs: set stage1_epochs, stage2_epochs or stage3_epochs")
     for key, value in config.items():
-        if key.endswith("_lr") and value < 0:
+        if key.endswith("_lr") and not value >= 0:
             raise engine.ConfigError(f"{key} must be >= 0, got {value}")
+    if config["max_nonfinite_steps"] < 1:
+        raise engine.ConfigError(f"max_nonfinite_steps must be >= 1, got {config['max_nonfinite_steps']}")
+    if not 0 <= config["max_bad_image_fraction"] <= 1:
+        raise engine.ConfigError(f"max_bad_image_fraction must be in [0, 1], got {config['max_bad_image_fraction']}")
 
 
 def stage_plan(config):
@@ -134,12 +139,21 @@ def stage_plan(config):
 
 def build_data(config):
     classes = [config["class_name"]] if config["class_name"] else None
+    bad = config["max_bad_image_fraction"]
     train = CocoDetectionDataset(config["train_ann"], config["train_root"], classes=classes,
-                                 transforms=build_transforms(config["augmentation"], config["img_size"]))
+                                 transforms=build_transforms(config["augmentation"], config["img_size"]),
+                                 max_missing_fraction=bad)
     if len(train.class_names) != 1:
         raise engine.ConfigError(f"{config['train_ann']} has {len(train.class_names)} categories; choose one with "
                                  f"--class-name ({', '.join(train.class_names)})")
-    val = CocoDetectionDataset(config["val_ann"], config["val_root"], classes=train.class_names)
+    if train.stats["boxes_kept"] == 0:
+        s = train.stats
+        raise engine.ConfigError(
+            f"no usable {train.class_names[0]!r} box in {config['train_ann']}: {s['images_missing']} of "
+            f"{s['images_total']} images missing on disk, {s['boxes_dropped']} boxes dropped as degenerate or "
+            f"non-finite, {s['crowd_ignored']} crowd boxes ignored; check --class-name and the annotation file")
+    val = CocoDetectionDataset(config["val_ann"], config["val_root"], classes=train.class_names,
+                               max_missing_fraction=bad)
     loader = build_dataloader(train, config["batch_size"], shuffle=True, num_workers=config["workers"],
                               drop_last=len(train) > config["batch_size"], seed=config["seed"])
     if loader.num_workers > 0:
@@ -186,6 +200,7 @@ def stage_scheduler(optimizer, stage, iters_per_epoch, config):
 def epoch_row(epoch, stage, train_metrics, optimizer, metrics, epoch_time):
     row = {"epoch": epoch, "stage": stage["index"], "stage_name": stage["name"]}
     row.update({k: round(v, 5) for k, v in train_metrics.items() if k.startswith("loss")})
+    row.update({k: train_metrics.get(k, 0) for k in ("nonfinite_steps", "images_skipped")})
     row.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
     row.update({k: metrics[k] for k in ("mAP", "mAP50", "mAP75", "precision", "recall", "f1", "best_f1",
                                         "best_f1_threshold")})
@@ -213,7 +228,8 @@ def main(argv=None):
     engine.write_json_atomic(config, os.path.join(run_dir, "config.json"))
     logger.info("run folder %s\neffective config: %s", run_dir, config)
     writer = engine.create_tensorboard_writer(run_dir)
-    log = engine.MetricsLog(run_dir, writer)
+    log = engine.MetricsLog(run_dir, writer, keep_until=checkpoint["epoch"] if checkpoint else 0)
+    last_path, streak = os.path.join(run_dir, "last_model.pth"), 0
     summary = checkpoint.get("summary", {}) if checkpoint else {}
     start_epoch = checkpoint["epoch"] + 1 if checkpoint else 1
     best_map = checkpoint.get("best_map", float("-inf")) if checkpoint else float("-inf")
@@ -222,48 +238,53 @@ def main(argv=None):
         raise engine.ConfigError(f"{config['resume']} already finished all {plan[-1]['last_epoch']} epochs; "
                                  f"nothing to resume")
     metrics = {}
-    for stage in plan:
-        if stage["last_epoch"] < start_epoch:
-            continue
-        optimizer = configure_stage(model, stage, config)
-        scheduler = stage_scheduler(optimizer, stage, len(loader), config)
-        if checkpoint and checkpoint.get("stage") == stage["index"] and start_epoch > stage["first_epoch"]:
-            engine.restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
-        elif checkpoint and start_epoch == stage["first_epoch"]:
-            engine.restore_training_state(checkpoint, model, ema, None, None, scaler)
-        checkpoint = None
-        logger.info("stage %d (%s), epochs %d-%d, lrs %s; %s", stage["index"], stage["name"],
-                    stage["first_epoch"], stage["last_epoch"], stage["lrs"], engine.describe_trainable(model))
-        writer.add_text("stages", f"stage {stage['index']} ({stage['name']}) starts at epoch {stage['first_epoch']}",
-                        stage["first_epoch"])
-        for epoch in range(max(start_epoch, stage["first_epoch"]), stage["last_epoch"] + 1):
-            loader.generator.manual_seed(config["seed"] + epoch)
-            started = time.perf_counter()
-            train_metrics = engine.train_one_epoch(
-                model, criterion, optimizer, loader, device, epoch, scheduler, ema, scaler, config["amp"],
-                config["clip_grad_norm"], progress=config["progress"],
-                description=f"stage {stage['index']} ({stage['name']}) epoch {epoch}/{plan[-1]['last_epoch']}",
-                writer=writer, global_step=(epoch - 1) * len(loader))
-            metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"])
-            row = epoch_row(epoch, stage, train_metrics, optimizer, metrics, time.perf_counter() - started)
-            log.log(row, epoch)
-            writer.add_scalar("epoch/stage", stage["index"], epoch)
-            engine.log_validation_images(writer, ema.module, val_dataset, epoch, class_names)
-            logger.info("epoch %d stage %d: loss %.4f mAP %.4f mAP50 %.4f P %.3f R %.3f F1 %.3f (%.1f img/s)", epoch,
-                        stage["index"], row["loss"], row["mAP"], row["mAP50"], row["precision"], row["recall"],
-                        row["f1"], row["images_per_second"])
-            if metrics["mAP"] > best_map:  # NaN is never best
-                best_map = metrics["mAP"]
-                summary = {"best_epoch": epoch, "best_stage": stage["index"], "best_stage_name": stage["name"],
-                           "best_metrics": {k: v for k, v in metrics.items() if k != "per_class_AP"}}
-                save_checkpoint(model_checkpoint(ema.module, class_names, config=config, epoch=epoch,
-                                                 stage=stage["index"], metrics=summary["best_metrics"]),
-                                os.path.join(run_dir, "best_model.pth"))
-            summary.update({"run_dir": run_dir, "last_epoch": epoch, "last_metrics": row})
-            save_checkpoint(engine.training_checkpoint(model, ema, class_names, config, optimizer, scheduler, scaler,
-                                                       epoch=epoch, stage=stage["index"], best_map=best_map,
-                                                       summary=summary),
-                            os.path.join(run_dir, "last_model.pth"))
+    with engine.training_faults("finetune_single_class.py", last_path, run_dir, writer):
+        for stage in plan:
+            if stage["last_epoch"] < start_epoch:
+                continue
+            optimizer = configure_stage(model, stage, config)
+            scheduler = stage_scheduler(optimizer, stage, len(loader), config)
+            if checkpoint and checkpoint.get("stage") == stage["index"] and start_epoch > stage["first_epoch"]:
+                engine.restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
+            elif checkpoint and start_epoch == stage["first_epoch"]:
+                engine.restore_training_state(checkpoint, model, ema, None, None, scaler)
+            checkpoint = None
+            logger.info("stage %d (%s), epochs %d-%d, lrs %s; %s", stage["index"], stage["name"],
+                        stage["first_epoch"], stage["last_epoch"], stage["lrs"], engine.describe_trainable(model))
+            writer.add_text("stages",
+                            f"stage {stage['index']} ({stage['name']}) starts at epoch {stage['first_epoch']}",
+                            stage["first_epoch"])
+            for epoch in range(max(start_epoch, stage["first_epoch"]), stage["last_epoch"] + 1):
+                loader.generator.manual_seed(config["seed"] + epoch)
+                started = time.perf_counter()
+                train_metrics = engine.train_one_epoch(
+                    model, criterion, optimizer, loader, device, epoch, scheduler, ema, scaler, config["amp"],
+                    config["clip_grad_norm"], progress=config["progress"],
+                    description=f"stage {stage['index']} ({stage['name']}) epoch {epoch}/{plan[-1]['last_epoch']}",
+                    writer=writer, global_step=(epoch - 1) * len(loader),
+                    max_nonfinite_steps=config["max_nonfinite_steps"], nonfinite_streak=streak)
+                streak = train_metrics["nonfinite_streak"]
+                engine.check_skipped_images(train_metrics, loader, config["max_bad_image_fraction"], epoch)
+                metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"])
+                row = epoch_row(epoch, stage, train_metrics, optimizer, metrics, time.perf_counter() - started)
+                log.log(row, epoch)
+                writer.add_scalar("epoch/stage", stage["index"], epoch)
+                engine.log_validation_images(writer, ema.module, val_dataset, epoch, class_names)
+                logger.info("epoch %d stage %d: loss %.4f mAP %.4f mAP50 %.4f P %.3f R %.3f F1 %.3f (%.1f img/s)",
+                            epoch, stage["index"], row["loss"], row["mAP"], row["mAP50"], row["precision"],
+                            row["recall"], row["f1"], row["images_per_second"])
+                if metrics["mAP"] > best_map:  # NaN is never best
+                    best_map = metrics["mAP"]
+                    summary = {"best_epoch": epoch, "best_stage": stage["index"], "best_stage_name": stage["name"],
+                               "best_metrics": {k: v for k, v in metrics.items() if k != "per_class_AP"}}
+                    save_checkpoint(model_checkpoint(ema.module, class_names, config=config, epoch=epoch,
+                                                     stage=stage["index"], metrics=summary["best_metrics"]),
+                                    os.path.join(run_dir, "best_model.pth"))
+                summary.update({"run_dir": run_dir, "last_epoch": epoch, "last_metrics": row})
+                save_checkpoint(engine.training_checkpoint(model, ema, class_names, config, optimizer, scheduler,
+                                                           scaler, epoch=epoch, stage=stage["index"],
+                                                           best_map=best_map, summary=summary),
+                                last_path)
     writer.close()
     summary.update({"best_model": os.path.join(run_dir, "best_model.pth"),
                     "last_model": os.path.join(run_dir, "last_model.pth")})
@@ -280,6 +301,12 @@ def run():
     except (engine.ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except engine.NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as error:  # 130 = 128 + SIGINT, the shell's convention
+        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

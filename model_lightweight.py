@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import os
+import re
 import tempfile
 from functools import partial
 
@@ -439,10 +440,31 @@ def letterbox(image, img_size):
     return image, (new_w / width, new_h / height)
 
 
+def load_checkpoint_file(path, what="checkpoint"):
+    """torch.load(path, weights_only=True), with any failure as one ValueError line.
+
+    weights_only=True unpickles tensors and plain Python types only, so a file that would run code when
+    unpickled (a class whose __reduce__ calls something) is refused before anything runs.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, a truncated zip's RuntimeError, EOFError, ...
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if code:
+            raise ValueError(f"{what} {path} refused: it would run {code.group(1)} when unpickled, and only "
+                             f"tensors and plain Python types are loaded (weights_only=True); use a checkpoint "
+                             f"written by this toolkit") from None
+        first = (str(error) or "?").splitlines()[0].split(". ")[0][:200]
+        raise ValueError(f"{what} {path} is not a readable torch checkpoint ({type(error).__name__}: {first}); "
+                         f"it may be truncated or corrupt: copy or write it again") from None
+
+
 def read_backbone_state(path):
     """(backbone state dict, source model_config or None) from a backbone file, a full checkpoint or a
     plain state dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path, "backbone file")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     config = checkpoint.get("model_config")
@@ -517,9 +539,7 @@ def model_checkpoint(model, class_names, **extra):
 
 def load_model(checkpoint_path, device="cpu"):
     """Rebuild a ready (eval-mode) model from a checkpoint alone; `model.class_names` is set from it."""
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(checkpoint_path)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
     model = create_lightweight_model(**checkpoint["model_config"])

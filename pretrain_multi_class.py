@@ -24,7 +24,8 @@ import time
 import torch
 
 import engine
-from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, coco_layout_paths, dataset_report
+from dataset_coco import (CocoDetectionDataset, build_dataloader, build_transforms, coco_layout_paths, dataset_report,
+                          load_coco_json)
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
 from model_lightweight import MODEL_SIZES, STRIDES, create_lightweight_model, save_checkpoint
@@ -40,7 +41,7 @@ DEFAULTS = {
     "clip_grad_norm": 5.0, "ema_decay": 0.9998, "ema_ramp_iters": 2000, "amp": False,
     "eval_interval": 1, "save_interval": 10, "conf_threshold": 0.5,
     "output_dir": "pretrain_results", "resume": None, "device": None, "seed": 0, "print_freq": 20,
-    "progress": True,
+    "progress": True, "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
 }
 # Settings of this machine and invocation, never taken from a resumed checkpoint's config.
 RUNTIME_KEYS = ("config", "resume", "device", "workers", "print_freq", "progress")
@@ -82,6 +83,8 @@ def parse_config(argv=None):
     config = engine.resolve_config(parser, argv, "pretraining", DEFAULTS)
     typed = engine.explicit_cli_values(parser, argv)
     checkpoint = None
+    if config["resume"] and os.path.isdir(config["resume"]):  # the run folder
+        typed["resume"] = config["resume"] = os.path.join(config["resume"], "checkpoints", "last.pth")
     if config["resume"]:
         checkpoint = engine.load_training_checkpoint(config["resume"])
         config = resumed_config(config, checkpoint, typed)
@@ -147,9 +150,15 @@ def check_config(config):
     if config["img_size"] < stride or config["img_size"] % stride:
         raise engine.ConfigError(f"img_size {config['img_size']} is not a positive multiple of {stride}; "
                                  f"use {stride * max(1, round(config['img_size'] / stride))}")
-    for key in ("epochs", "batch_size", "eval_interval", "save_interval", "print_freq", "T_0", "T_mult"):
+    for key in ("epochs", "batch_size", "eval_interval", "save_interval", "print_freq", "T_0", "T_mult",
+                "max_nonfinite_steps"):
         if config[key] < 1:
             raise engine.ConfigError(f"{key} must be >= 1, got {config[key]}")
+    for key in ("backbone_lr", "fpn_lr", "head_lr", "eta_min", "weight_decay"):
+        if not config[key] >= 0:
+            raise engine.ConfigError(f"{key} must be >= 0, got {config[key]}")
+    if not 0 <= config["max_bad_image_fraction"] <= 1:
+        raise engine.ConfigError(f"max_bad_image_fraction must be in [0, 1], got {config['max_bad_image_fraction']}")
     if config["warmup_iters"] < 0 or not 0 < config["warmup_start_factor"] <= 1:
         raise engine.ConfigError("warmup_iters must be >= 0 and warmup_start_factor in (0, 1]")
     device = config["device"] or ""
@@ -167,8 +176,7 @@ def box_counts(coco_dict):
 def present_classes(requested, ann_file):
     """The requested names that have at least one box in `ann_file` (spelled as there); warns once
     about the others. The default list names 30 COCO classes, and subsets such as coco128 lack some."""
-    with open(ann_file) as f:
-        data = json.load(f)
+    data = load_coco_json(ann_file).dataset
     counts = box_counts(data)
     names = {c["name"].lower(): c["name"] for c in data.get("categories", []) if counts[c["id"]] > 0}
     kept = [names[name.lower()] for name in requested if name.lower() in names]
@@ -193,9 +201,12 @@ def build_data(config, strict_classes):
         classes = config["classes"]
         if isinstance(classes, list) and not strict_classes:
             classes = present_classes(classes, paths["train_ann"])
+        bad = config["max_bad_image_fraction"]
         train = CocoDetectionDataset(paths["train_ann"], paths["train_images"], classes=classes,
-                                     transforms=build_transforms(config["augmentation"], config["img_size"]))
-        val = CocoDetectionDataset(paths["val_ann"], paths["val_images"], classes=train.class_names)
+                                     transforms=build_transforms(config["augmentation"], config["img_size"]),
+                                     max_missing_fraction=bad)
+        val = CocoDetectionDataset(paths["val_ann"], paths["val_images"], classes=train.class_names,
+                                   max_missing_fraction=bad)
     except (FileNotFoundError, ValueError) as error:
         raise engine.ConfigError(str(error)) from error
     counts = box_counts(train.coco.dataset)
@@ -254,6 +265,7 @@ def is_new_best(value, best):
 def epoch_row(epoch, train_metrics, optimizer, metrics, best_map, epoch_time):
     row = {"epoch": epoch}
     row.update({k: v for k, v in train_metrics.items() if k.startswith("loss")})
+    row.update({k: train_metrics.get(k, 0) for k in ("nonfinite_steps", "images_skipped")})
     for group in optimizer.param_groups:  # one lr per layer group; its no-decay twin has the same
         row.setdefault(f"lr_{group['layer_group']}", group["lr"])
     row.update({"images_per_second": train_metrics["images_per_second"], "epoch_time": epoch_time})
@@ -329,31 +341,34 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed input size
 
     writer = engine.create_tensorboard_writer(run_dir)
-    metrics_log = engine.MetricsLog(run_dir, writer)
-    metrics = None
-    for epoch in range(start_epoch, config["epochs"] + 1):
-        loader.generator.manual_seed(config["seed"] + epoch)  # the same order when resumed
-        started = time.perf_counter()
-        train_metrics = engine.train_one_epoch(
-            model, criterion, optimizer, loader, device, epoch, scheduler, ema, scaler, config["amp"],
-            config["clip_grad_norm"], progress=config["progress"], description=f"epoch {epoch}/{config['epochs']}",
-            writer=writer, global_step=(epoch - 1) * len(loader), log_interval=config["print_freq"])
-        evaluated = epoch % config["eval_interval"] == 0 or epoch == config["epochs"]
-        metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"],
-                           num_workers=config["workers"]) if evaluated else None
-        is_best = is_new_best(metrics and metrics["mAP"], best_map)
-        best_map = metrics["mAP"] if is_best else best_map
-        row = epoch_row(epoch, train_metrics, optimizer, metrics, best_map, time.perf_counter() - started)
-        metrics_log.log(row, epoch)
-        if evaluated:
-            engine.log_validation_images(writer, ema.module, val_dataset, epoch, class_names,
-                                         conf_threshold=config["conf_threshold"])
-        save_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler, scaler, epoch, best_map,
-                   metrics, is_best)
-        log_epoch(row, config["epochs"], is_best)
+    metrics_log = engine.MetricsLog(run_dir, writer, keep_until=checkpoint["epoch"] if checkpoint else 0)
+    metrics, streak, paths = None, 0, output_paths(run_dir)
+    with engine.training_faults("pretrain_multi_class.py", paths["last_checkpoint"], run_dir, writer):
+        for epoch in range(start_epoch, config["epochs"] + 1):
+            loader.generator.manual_seed(config["seed"] + epoch)  # the same order when resumed
+            started = time.perf_counter()
+            train_metrics = engine.train_one_epoch(
+                model, criterion, optimizer, loader, device, epoch, scheduler, ema, scaler, config["amp"],
+                config["clip_grad_norm"], progress=config["progress"], description=f"epoch {epoch}/{config['epochs']}",
+                writer=writer, global_step=(epoch - 1) * len(loader), log_interval=config["print_freq"],
+                max_nonfinite_steps=config["max_nonfinite_steps"], nonfinite_streak=streak)
+            streak = train_metrics["nonfinite_streak"]
+            engine.check_skipped_images(train_metrics, loader, config["max_bad_image_fraction"], epoch)
+            evaluated = epoch % config["eval_interval"] == 0 or epoch == config["epochs"]
+            metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"],
+                               num_workers=config["workers"]) if evaluated else None
+            is_best = is_new_best(metrics and metrics["mAP"], best_map)
+            best_map = metrics["mAP"] if is_best else best_map
+            row = epoch_row(epoch, train_metrics, optimizer, metrics, best_map, time.perf_counter() - started)
+            metrics_log.log(row, epoch)
+            if evaluated:
+                engine.log_validation_images(writer, ema.module, val_dataset, epoch, class_names,
+                                             conf_threshold=config["conf_threshold"])
+            save_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler, scaler, epoch, best_map,
+                       metrics, is_best)
+            log_epoch(row, config["epochs"], is_best)
     writer.close()
 
-    paths = output_paths(run_dir)
     if best_map is None:
         logger.warning("no epoch had a defined mAP (no validation boxes?), so there is no best.pth")
         paths.update(best_checkpoint=None, best_backbone=None)
@@ -373,6 +388,9 @@ def run(argv=None):
     except engine.NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as error:  # 130 = 128 + SIGINT, the shell's convention
+        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
