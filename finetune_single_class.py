@@ -26,7 +26,8 @@ import engine
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, dataset_report
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
-from model_lightweight import create_lightweight_model, model_checkpoint, read_backbone_state, save_checkpoint
+from model_lightweight import (create_lightweight_model, load_checkpoint_file, model_checkpoint, read_backbone_state,
+                               save_checkpoint)
 
 logger = logging.getLogger("finetune")
 
@@ -37,6 +38,7 @@ STAGES = (  # (name, layer groups trained)
 )
 DEFAULTS = {
     "config": None, "pretrained_backbone": None, "pretrained_backbone_path": None, "no_pretrained": False,
+    "transfer": "auto",
     "class_name": None, "train_root": None, "train_ann": None, "val_root": None, "val_ann": None,
     "model_size": "tiny", "img_size": 320, "batch_size": 16, "workers": None, "augmentation": "moderate",
     "num_classes": 1, "output_dir": "finetune_results", "resume": None, "device": None, "seed": 0, "amp": False,
@@ -55,6 +57,9 @@ def get_args_parser():
     parser.add_argument("--config", help="JSON file (sections or flat keys) over config_transfer_learning.json")
     parser.add_argument("--pretrained-backbone", help="backbone file or full checkpoint to initialise from")
     parser.add_argument("--no-pretrained", action="store_true", help="random init, same schedule (baseline)")
+    parser.add_argument("--transfer", choices=("auto", "backbone"),
+                        help="auto (default): a full checkpoint initialises backbone, FPN and head (all but the "
+                             "class output), a backbone file the backbone; backbone: the backbone only")
     parser.add_argument("--class-name", help="category to detect (case-insensitive); default: the file's only one")
     parser.add_argument("--train-root", help="training images folder")
     parser.add_argument("--train-ann", help="training COCO annotation JSON")
@@ -91,6 +96,8 @@ def parse_config(argv):
 
 def check_config(config):
     """Cross-field checks up front, each a one-line error."""
+    if config["transfer"] not in ("auto", "backbone"):
+        raise engine.ConfigError(f"transfer must be 'auto' or 'backbone', got {config['transfer']!r}")
     if config["num_classes"] != 1:
         raise engine.ConfigError(f"num_classes is {config['num_classes']}, but this script fine-tunes one class; "
                                  f"set num_classes to 1 and pick the class with class_name")
@@ -164,7 +171,9 @@ def build_data(config):
 
 
 def build_model(config):
-    """Random init, or a pretrained backbone (backbone file or full checkpoint) whose size must match."""
+    """Random init, or pretrained weights whose size must match: a backbone file initialises the backbone;
+    a full checkpoint (e.g. pretraining's checkpoints/best.pth) initialises everything but the class
+    output unless transfer is "backbone"."""
     model = create_lightweight_model(1, config["model_size"], img_size=config["img_size"])
     path = config["pretrained_backbone"]
     if path and not config["resume"]:
@@ -173,8 +182,14 @@ def build_model(config):
         if source_size and source_size != config["model_size"]:
             raise engine.ConfigError(f"{path} holds a {source_size!r} backbone but model_size is "
                                      f"{config['model_size']!r}; pass --model-size {source_size}")
-        report = model.load_backbone_weights(path)
-        logger.info("pretrained backbone: loaded %d/%d tensors from %s", report["loaded"], report["total"], path)
+        checkpoint_keys = set(load_checkpoint_file(path, "pretrained weights"))
+        if config["transfer"] == "auto" and "model_state_dict" in checkpoint_keys:
+            report = model.load_detector_weights(path)  # a full detector: all but the class output
+            logger.info("pretrained detector: loaded %d/%d tensors from %s (all but the classifier)",
+                        report["loaded"], report["total"], path)
+        else:
+            report = model.load_backbone_weights(path)
+            logger.info("pretrained backbone: loaded %d/%d tensors from %s", report["loaded"], report["total"], path)
     return model
 
 

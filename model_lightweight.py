@@ -13,6 +13,7 @@ replace_detection_heads and load_backbone_weights. Checkpoints are plain dicts (
     python model_lightweight.py --summary      # parameters and MACs of every size
 """
 import argparse
+import collections
 import copy
 import logging
 import math
@@ -413,6 +414,47 @@ class LightweightDetector(nn.Module):
                   "unexpected_keys": unexpected, "source": str(path)}
         logger.info("loaded %d/%d backbone tensors from %s%s", report["loaded"], report["total"], path,
                     f"; missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "")
+        return report
+
+    def load_detector_weights(self, path):
+        """Load everything but the class-specific output from a full checkpoint of the same architecture.
+
+        Backbone, FPN, the head's branches and its box regressor are class-agnostic, so a detector
+        pretrained on other classes initialises all of them; only ``head.cls_pred`` keeps its fresh
+        focal-prior init (as in TFA, Wang et al. 2020, and MMDetection's ``load_from`` fine-tuning). This
+        makes the first fine-tuning stage (heads on frozen backbone and FPN) train on pretrained features
+        at every level rather than on a random neck.
+
+        Returns:
+            dict report: "loaded" and "total" tensor counts, "loaded_groups" (tensors per layer group),
+            "skipped" (the re-initialised keys), "source".
+        Raises:
+            ValueError if the file holds no full model (e.g. a backbone-only file) or another size.
+        """
+        checkpoint = load_checkpoint_file(path, "checkpoint")
+        state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict) or not state:
+            raise ValueError(f"{path} holds no full model (model_state_dict); a backbone file initialises the "
+                             f"backbone only: use load_backbone_weights")
+        state = unwrap_state_dict(state)
+        own = self.state_dict()
+        skipped = sorted(k for k in own if k.startswith("head.cls_pred."))
+        mismatched = [k for k, v in state.items() if k in own and k not in skipped and v.shape != own[k].shape]
+        if mismatched:
+            source_size = (checkpoint.get("model_config") or {}).get("model_size", "unknown (no metadata)")
+            raise ValueError(f"{path} holds a {source_size!r} model but this model is {self.model_size!r} "
+                             f"({len(mismatched)} shape mismatches, e.g. {mismatched[0]}); use weights of the same size")
+        loaded = {k: v for k, v in state.items() if k in own and k not in skipped}
+        missing = sorted(set(own) - set(loaded) - set(skipped))
+        if missing:
+            raise ValueError(f"{path} does not match this architecture: {len(missing)} missing tensors "
+                             f"(e.g. {missing[:3]})")
+        self.load_state_dict(loaded, strict=False)
+        groups = collections.Counter(k.split(".", 1)[0] for k in loaded)
+        report = {"loaded": len(loaded), "total": len(own), "loaded_groups": dict(groups), "skipped": skipped,
+                  "source": str(path)}
+        logger.info("loaded %d/%d tensors (%s) from %s; re-initialised %s", len(loaded), len(own),
+                    ", ".join(f"{g} {n}" for g, n in groups.items()), path, ", ".join(skipped))
         return report
 
     def backbone_checkpoint(self, **metadata):
