@@ -52,9 +52,13 @@ def init_distributed(device=None):
     if use_cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
+    if is_distributed():  # a second main() in the same processes (a notebook, a driver) reuses the group
+        return device
+    if use_cuda:
+        dist.init_process_group("nccl", device_id=device)
+    else:
         dist.init_process_group("gloo")
     return device
 
