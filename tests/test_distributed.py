@@ -105,3 +105,13 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.unwrap_model(model) is model
     assert distributed.rank_seed(7) == 7
     assert distributed.describe_shards([3, 1]) == "2 images on 1 ranks, 2 distinct"
+
+
+def test_plain_python_with_several_gpus_prints_the_torchrun_command(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    hint = distributed.torchrun_hint("pretrain_multi_class.py", ["--coco-root", "/data/my coco", "--amp"])
+    assert "torchrun --nproc_per_node=4 pretrain_multi_class.py --coco-root '/data/my coco' --amp" in hint
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.torchrun_hint("pretrain_multi_class.py", []) is None
