@@ -318,7 +318,7 @@ def main(argv=None):
     dict; the other ranks return {}.
     """
     config, checkpoint, typed = parse_config(argv)
-    hint = None if "device" in typed else distributed.torchrun_hint("pretrain_multi_class.py",
+    hint = None if config["device"] else distributed.torchrun_hint("pretrain_multi_class.py",
                                                                      sys.argv[1:] if argv is None else argv)
     if hint:
         raise engine.ConfigError(hint)
