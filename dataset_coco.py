@@ -497,17 +497,19 @@ def default_num_workers(batch_size=None):
     return min(cpus, 8, batch_size or 8)
 
 
-def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0):
+def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0, sampler=None):
     """A DataLoader over ``dataset`` with ``collate_fn``.
 
     Shuffling and the workers' torch seeds come from a ``torch.Generator`` seeded by ``seed``, so the
     order and the random augmentations repeat run to run. ``num_workers=None`` -> ``default_num_workers``.
+    A ``sampler`` (e.g. a DistributedSampler, which shuffles itself) replaces ``shuffle``.
     """
     if num_workers is None:
         num_workers = default_num_workers(batch_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate_fn, drop_last=drop_last, generator=generator,
                                        persistent_workers=num_workers > 0,
                                        pin_memory=torch.cuda.is_available())

@@ -3,7 +3,8 @@
 - config: defaults < config_transfer_learning.json < --config FILE < command-line flags, unknown keys refused
 - run folders, metrics.csv and TensorBoard logging
 - learning-rate schedules stepped per iteration, an EMA of the weights with a ramped decay
-- train_one_epoch, RNG state capture for exact resume
+- train_one_epoch (single process or DistributedDataParallel, optional autocast), RNG state capture
+- mixed precision and learning-rate scaling settings shared by both scripts
 """
 import argparse
 import contextlib
@@ -22,6 +23,8 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
+
+import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +64,57 @@ def log_iteration(writer, model, optimizer, losses, step):
         writer.add_scalar(f"grad_norm/{group}", norm, step)
 
 
-def autocast_context(device, enabled):
-    """bfloat16 autocast on CPU, float16 on CUDA; a no-op context when disabled."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device, enabled, amp_dtype=None):
+    """Autocast in `amp_dtype` ("bf16" or "fp16"; default bfloat16 on CPU, float16 on CUDA); a no-op
+    context when disabled. The loss runs outside it, in float32 (DetectionLoss also casts its inputs)."""
     device_type = torch.device(device).type
-    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    dtype = AMP_DTYPES[amp_dtype or ("fp16" if device_type == "cuda" else "bf16")]
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def check_amp_dtype(amp_dtype, device):
+    """Refuse an amp_dtype the device cannot run, in one line."""
+    if amp_dtype is None:
+        return
+    if amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+    on_cuda = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if amp_dtype == "fp16" and not on_cuda:
+        raise ConfigError("--amp-dtype fp16 needs CUDA; on the CPU use bf16 (the default there)")
+    if amp_dtype == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --amp-dtype fp16")
+
+
+def build_grad_scaler(device, amp, amp_dtype=None):
+    """A GradScaler for float16 on CUDA (its small exponent range underflows gradients); None otherwise,
+    since bfloat16 has float32's range."""
+    if amp and torch.device(device).type == "cuda" and (amp_dtype or "fp16") == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def lr_scale_factor(scaling, batch_size, world_size, reference_batch_size=None):
+    """Multiplier of every configured learning rate for a global batch of batch_size * world_size.
+
+    The config's rates were tuned at `reference_batch_size` (None: `batch_size`, so a single process
+    keeps them as written). "linear": Goyal et al. 2017; "sqrt": the usual rule for Adam-type optimizers.
+    """
+    ratio = batch_size * world_size / (reference_batch_size or batch_size)
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
+
+
+def check_lr_scaling(config):
+    if config["lr_scaling"] not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {config['lr_scaling']!r}")
+    reference = config["lr_reference_batch_size"]
+    if reference is not None and (not isinstance(reference, int) or isinstance(reference, bool) or reference < 1):
+        raise ConfigError(f"lr_reference_batch_size must be a positive integer or null, got {reference!r}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,23 +163,27 @@ def describe_losses(losses):
 
 def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, scheduler=None, ema=None,
                     scaler=None, amp=False, clip_grad_norm=None, progress=True, description=None,
-                    writer=None, global_step=0, log_interval=20, max_nonfinite_steps=None, nonfinite_streak=0):
+                    writer=None, global_step=0, log_interval=20, max_nonfinite_steps=None, nonfinite_streak=0,
+                    amp_dtype=None):
     """Train for one pass over `data_loader`.
 
     The scheduler (if any) is stepped every iteration, so warmup and cosine schedules behave in short runs.
     With a TensorBoard `writer`, every `log_interval` iterations it logs each loss term, each param
     group's learning rate and each layer group's gradient norm (gradient flow) at `global_step + i`.
-    A step whose loss is NaN or inf is skipped (no backward, optimizer, scheduler or EMA update) and
-    counted; after `max_nonfinite_steps` in a row (`nonfinite_streak` carries the count over from the
-    previous epoch) NonFiniteLossError stops the run. Batches whose images all failed to load (None) and
-    images dropped from a batch are counted as "images_skipped".
+    A step whose loss is NaN or inf (averaged over the ranks, so all ranks skip it together) is skipped (no
+    backward, optimizer, scheduler or EMA update) and counted; after `max_nonfinite_steps` in a row
+    (`nonfinite_streak` carries the count over from the previous epoch) NonFiniteLossError stops the run.
+    Batches whose images all failed to load (None) and images dropped from a batch are counted as
+    "images_skipped". `model` may be a DistributedDataParallel wrapper; the EMA tracks the model inside it,
+    and the logged losses are averaged over the ranks.
 
     Returns:
-        dict of mean loss terms over the finite steps plus "images_per_second", "iterations",
-        "nonfinite_steps", "nonfinite_streak" and "images_skipped".
+        dict of mean loss terms over the finite steps (all ranks) plus "images_per_second" (all ranks),
+        "iterations", "nonfinite_steps", "nonfinite_streak", "images_skipped" and "image_ids" (this rank's,
+        in order).
     """
     model.train()
-    sums, num_images, start = {}, 0, time.perf_counter()
+    sums, num_images, image_ids, start = {}, 0, [], time.perf_counter()
     finite_steps, nonfinite_steps, images_seen = 0, 0, 0
     bar = tqdm(data_loader, desc=description or f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -140,19 +193,20 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
         images, targets = batch
         images_seen += len(images)
         images = images.to(device, non_blocking=True)
-        with autocast_context(device, amp):
+        with autocast_context(device, amp, amp_dtype):
             outputs = model(images)
         losses = criterion(outputs, targets)
-        if not math.isfinite(losses["loss"].item()):
+        logged = distributed.reduce_mean(losses)
+        if not math.isfinite(logged["loss"].item()):
             nonfinite_steps += 1
             nonfinite_streak += 1
-            for key in losses:
+            for key in logged:
                 sums.setdefault(key, 0.0)
             logger.warning("epoch %d iteration %d: non-finite loss (%s), step skipped (%d in a row)", epoch,
-                           iteration, describe_losses(losses), nonfinite_streak)
+                           iteration, describe_losses(logged), nonfinite_streak)
             if max_nonfinite_steps is not None and nonfinite_streak >= max_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"{nonfinite_streak} non-finite losses in a row at epoch {epoch} ({describe_losses(losses)}), "
+                    f"{nonfinite_streak} non-finite losses in a row at epoch {epoch} ({describe_losses(logged)}), "
                     f"so training stopped (max_nonfinite_steps={max_nonfinite_steps}); lower the learning rate, "
                     f"keep clip_grad_norm on, try without --amp, or check the data for broken boxes")
             continue
@@ -166,7 +220,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
             losses["loss"].backward()
         step = global_step + iteration
         if writer is not None and step % log_interval == 0:
-            log_iteration(writer, model, optimizer, losses, step)
+            log_iteration(writer, model, optimizer, logged, step)
         if clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
@@ -177,18 +231,21 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(distributed.unwrap_model(model))
 
         num_images += images.shape[0]
-        for key, value in losses.items():
+        image_ids.extend(int(target["image_id"]) for target in targets)
+        for key, value in logged.items():
             sums[key] = sums.get(key, 0.0) + value.item()
         if progress:
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()}
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in logged.items()}
                             | {"lr": f"{optimizer.param_groups[0]['lr']:.2e}",
                                "img/s": f"{num_images / (time.perf_counter() - start):.1f}"})
     metrics = {key: value / finite_steps if finite_steps else float("nan") for key, value in sums.items()}
-    metrics["images_per_second"] = num_images / max(time.perf_counter() - start, 1e-9)
+    # every rank runs the same number of equal batches (DistributedSampler pads), so the total is world x ours
+    metrics["images_per_second"] = num_images * distributed.get_world_size() / max(time.perf_counter() - start, 1e-9)
     metrics["iterations"] = max(len(data_loader), 1)
+    metrics["image_ids"] = image_ids
     expected = expected_images(data_loader)
     metrics.update(nonfinite_steps=nonfinite_steps, nonfinite_streak=nonfinite_streak,
                    images_skipped=expected - images_seen if expected is not None else 0)

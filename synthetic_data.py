@@ -396,15 +396,15 @@ def _camera(rng, world_w, world_l, width, height):
     Half the scenes are seen from a vehicle (perspective: lines converge, far dashes shrink), half from
     above (a drone or survey camera: rotation and scale only)."""
     world = [(0, 0), (world_w, 0), (world_w, world_l), (0, world_l)]
-    if rng.random() < 0.5:
-        horizon = height * rng.uniform(0.3, 0.45)
-        centre, top_half = width * rng.uniform(0.4, 0.6), width * rng.uniform(0.12, 0.3)
-        spread = width * rng.uniform(0.3, 0.8)
+    if rng.random() < 0.4:
+        horizon = height * rng.uniform(0.3, 0.42)
+        centre, top_half = width * rng.uniform(0.4, 0.6), width * rng.uniform(0.2, 0.35)
+        spread = width * rng.uniform(0.1, 0.4)
         image = [(centre - top_half, horizon), (centre + top_half, horizon), (width + spread, height),
                  (-spread, height)]
         return _homography(world, image), int(horizon)
-    angle = rng.uniform(-0.5, 0.5) + (np.pi / 2 if rng.random() < 0.3 else 0.0)
-    scale = rng.uniform(0.45, 0.8)
+    angle = rng.uniform(-0.25, 0.25) + (np.pi / 2 if rng.random() < 0.3 else 0.0)
+    scale = rng.uniform(0.55, 0.85)
     cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
     # rotate/scale about the world centre, then put that centre at the image centre (with a small offset)
     offset = np.asarray([width, height]) / 2 + rng.uniform(-0.1, 0.1, 2) * (width, height)
@@ -476,6 +476,10 @@ def _rect_mask(size, rects):
     return mask
 
 
+MIN_MARKING_PIXELS = 120  # a marking covering fewer image pixels is not painted (and so not labelled)
+MIN_MARKING_SIDE = 5
+
+
 def render_whiteline(rng, width, height):
     """A road scene with white markings; each painted segment is one (0, xyxy box) object.
 
@@ -501,7 +505,7 @@ def render_whiteline(rng, width, height):
         world[:, x0:x1] = _texture(rng, world_l // 2, x1 - x0, verge, 0.25, 10)
     road = _to_image(world).resize((world_w, world_l), Image.BILINEAR)
     draw = ImageDraw.Draw(road)
-    kerb_tone = int(rng.uniform(150, 210))
+    kerb_tone = int(rng.uniform(130, 190))
     for x in (left, right):  # kerbs: a light concrete band, the commonest white-line look-alike
         draw.rectangle((x - 12, 0, x + 12, world_l), fill=(kerb_tone,) * 3)
         draw.line((x + (12 if x == left else -12), 0, x + (12 if x == left else -12), world_l), fill=(60, 60, 60),
@@ -520,8 +524,9 @@ def render_whiteline(rng, width, height):
         quad = Image.new("L", (width, height), 0)
         ImageDraw.Draw(quad).polygon([tuple(p) for p in (corners[:2] / corners[2]).T], fill=255)
         image_mask = np.asarray(quad) > 0
-        if image_mask[horizon:].sum() < 40:
-            continue
+        ys, xs = np.nonzero(image_mask[horizon:])
+        if len(ys) < MIN_MARKING_PIXELS or min(np.ptp(xs), np.ptp(ys)) + 1 < MIN_MARKING_SIDE:
+            continue  # too small to label reliably: not painted either
         ys, xs = np.nonzero(image_mask)
         objects.append((0, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
         painted.append(rect)
@@ -568,7 +573,7 @@ def write_whiteline_split(image_dir, ann_path, num_images, width=320, height=240
 # ------------------------------------------------------------------------------ layouts and caching
 
 DATASET_KINDS = ("coco", "whiteline")
-GENERATOR_VERSION = 1  # bump when the rendering changes, so cached data sets are rewritten
+GENERATOR_VERSION = 2  # bump when the rendering changes, so cached data sets are rewritten
 
 
 def dataset_paths(kind, root):
