@@ -33,10 +33,12 @@ logger = logging.getLogger("demo")
 # The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
 # whole demo fits in about 8 minutes on 2 CPU cores: the nano model, 256 px inputs, short stages.
 DEMO_CONFIG = {
-    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 256, "epochs": 12, "batch_size": 16, "warmup_iters": 60,
-                    "T_0": 12, "T_mult": 1, "eval_interval": 3, "save_interval": 100},
-    "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 16, "stage1_epochs": 3, "stage2_epochs": 3,
-                   "stage3_epochs": 6, "stage_warmup_iters": 20},
+    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 256, "epochs": 10,
+                    "batch_size": 16, "warmup_iters": 60, "T_0": 10, "T_mult": 1, "eval_interval": 5,
+                    "save_interval": 100},
+    "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 8, "stage1_epochs": 3, "stage1_head_lr": 2e-3,
+                   "stage2_epochs": 3, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 6,
+                   "stage3_head_lr": 1e-3, "stage3_fpn_lr": 5e-4, "stage3_backbone_lr": 2e-4, "stage_warmup_iters": 20},
 }
 DATA_SIZES = {"coco": (600, 100), "whiteline": (300, 80)}
 STAGE_NAMES = {1: "heads", 2: "heads+fpn", 3: "all"}
@@ -159,7 +161,8 @@ def main(argv=None):
 
     data_flags = ["--class-name", "whiteline", "--train-root", road["train_images"], "--train-ann", road["train_ann"],
                   "--val-root", road["val_images"], "--val-ann", road["val_ann"], "--config", config_path]
-    runs = {"pretrained": ["--pretrained-backbone", pretrain["best_backbone"] or pretrain["last_backbone"]],
+    # the full pretraining checkpoint: backbone, FPN and head initialise the fine-tuning (all but the class output)
+    runs = {"pretrained": ["--pretrained-backbone", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]],
             "scratch": ["--no-pretrained"]}
     summaries = {}
     for step, (name, init) in enumerate(runs.items(), start=3):

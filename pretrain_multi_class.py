@@ -402,6 +402,7 @@ def main(argv=None):
     if not is_main:
         return {}
     writer.close()
+    paths = output_paths(run_dir)
 
     if best_map is None:
         logger.warning("no epoch had a defined mAP (no validation boxes?), so there is no best.pth")

@@ -505,11 +505,13 @@ def render_whiteline(rng, width, height):
         world[:, x0:x1] = _texture(rng, world_l // 2, x1 - x0, verge, 0.25, 10)
     road = _to_image(world).resize((world_w, world_l), Image.BILINEAR)
     draw = ImageDraw.Draw(road)
-    kerb_tone = int(rng.uniform(130, 190))
-    for x in (left, right):  # kerbs: a light concrete band, the commonest white-line look-alike
+    kerb_tone = int(rng.uniform(95, 140))
+    for x in (left, right):  # kerbs: concrete blocks with joints and a gutter shadow, darker than paint
         draw.rectangle((x - 12, 0, x + 12, world_l), fill=(kerb_tone,) * 3)
-        draw.line((x + (12 if x == left else -12), 0, x + (12 if x == left else -12), world_l), fill=(60, 60, 60),
-                  width=3)
+        for y in np.arange(rng.uniform(0, 40), world_l, rng.uniform(30, 50)):
+            draw.line((x - 12, y, x + 12, y), fill=(kerb_tone // 2,) * 3, width=2)
+        gutter = x + (12 if x == left else -12)
+        draw.line((gutter, 0, gutter, world_l), fill=(40, 40, 40), width=4)
     for _ in range(int(rng.integers(0, 6))):  # cracks
         points = np.cumsum(rng.normal(0, 25, size=(int(rng.integers(4, 10)), 2)), 0) + \
             (rng.uniform(left, right), rng.uniform(0, world_l))
@@ -573,7 +575,7 @@ def write_whiteline_split(image_dir, ann_path, num_images, width=320, height=240
 # ------------------------------------------------------------------------------ layouts and caching
 
 DATASET_KINDS = ("coco", "whiteline")
-GENERATOR_VERSION = 2  # bump when the rendering changes, so cached data sets are rewritten
+GENERATOR_VERSION = 3  # bump when the rendering changes, so cached data sets are rewritten
 
 
 def dataset_paths(kind, root):
