@@ -14,13 +14,15 @@ Inspect a data set before training on it:
 import argparse
 import contextlib
 import io
+import json
 import logging
 import os
+import sys
 
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -119,6 +121,48 @@ def coco_layout_paths(coco_root):
 
 # --------------------------------------------------------------------------------------------- dataset
 
+COCO_FIELDS = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
+               "categories": ("id", "name")}
+
+
+def load_coco_json(path):
+    """Read and check a COCO instances file.
+
+    Returns:
+        pycocotools ``COCO`` indexed over the file's dict.
+    Raises:
+        FileNotFoundError or ValueError, one line naming the file, the problem and where.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"annotation file {path} is not JSON ({error}); pass a COCO instances file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"annotation file {path} holds a JSON {type(data).__name__}, not a COCO dict with "
+                         f"images, annotations and categories")
+    missing = [key for key in COCO_FIELDS if key not in data]
+    if missing:
+        raise ValueError(f"annotation file {path} is not COCO: it lacks {', '.join(missing)} (a COCO instances "
+                         f"file has images, annotations and categories lists; found keys {sorted(data)[:8]})")
+    for key, fields in COCO_FIELDS.items():
+        if not isinstance(data[key], list):
+            raise ValueError(f"annotation file {path}: {key!r} must be a list, got a {type(data[key]).__name__}")
+        for index, entry in enumerate(data[key]):
+            absent = [field for field in fields if not isinstance(entry, dict) or field not in entry]
+            if absent:
+                raise ValueError(f"annotation file {path}: {key}[{index}] lacks {', '.join(absent)} "
+                                 f"(each entry needs {', '.join(fields)})")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
 def _select_categories(coco, classes):
     """(category_ids, class_names) for ``classes``: None, a list of names, or an int K (most frequent)."""
     categories = coco.loadCats(sorted(coco.getCatIds()))
@@ -207,9 +251,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                  max_missing_fraction=0.05):
         self.ann_file, self.image_root = str(ann_file), str(image_root)
         self.transforms, self.include_empty = transforms, include_empty
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(self.ann_file)
-        self.category_ids, self.class_names = _select_categories(self.coco, classes)
+        self.coco = load_coco_json(self.ann_file)
+        try:
+            self.category_ids, self.class_names = _select_categories(self.coco, classes)
+        except ValueError as error:
+            raise ValueError(f"{self.ann_file}: {error}") from None
         self.stats = dict.fromkeys(
             ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty",
              "annotations_total", "annotations_other_classes", "crowd_ignored", "boxes_kept", "boxes_clipped",
@@ -218,6 +264,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self._index_annotations(image_ids, image_paths)
         self._warned_size_mismatch = False
         self._log_summary()
+        if not self.image_ids:
+            s = self.stats
+            raise ValueError(f"no usable images in {self.ann_file}: {s['images_total']} listed, {s['images_missing']} "
+                             f"missing on disk, {s['images_dropped_empty']} dropped without a box of "
+                             f"{', '.join(self.class_names)}")
 
     def _find_images(self, max_missing_fraction):
         image_ids, image_paths, missing = [], [], []
@@ -245,8 +296,12 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         if info.get("height") and info.get("width"):
             return int(info["height"]), int(info["width"])
-        with Image.open(path) as img:  # header only; the JSON lacks the size
-            width, height = ImageOps.exif_transpose(img).size
+        try:
+            with Image.open(path) as img:  # header only; the JSON lacks the size
+                width, height = ImageOps.exif_transpose(img).size
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"{self.ann_file} gives no width/height for {path}, and it cannot be read as an "
+                             f"image ({error}); add the size to the JSON or fix the file") from None
         return height, width
 
     def _index_annotations(self, image_ids, image_paths):
@@ -318,7 +373,13 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         ``target``: ``boxes_xyxy`` float32 (N, 4), ``labels`` int64 (N,) in ``0..num_classes-1``,
         ``image_id`` int, ``orig_size`` int64 (2,) = (H, W) of the original image.
         """
-        image = load_image(self.image_paths[index])
+        try:
+            image = load_image(self.image_paths[index])
+        except (OSError, UnidentifiedImageError, ValueError) as error:  # truncated, not an image, ...
+            # Skipped rather than fatal: one bad file should not end a long run. Training counts the
+            # skips per epoch and stops past max_bad_image_fraction (engine.check_skipped_images).
+            logger.warning("skipping unreadable image %s: %s", self.image_paths[index], error)
+            return None
         boxes, labels = self.get_annotations(index)
         height, width = image.shape[-2:]
         boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
@@ -413,12 +474,15 @@ def build_transforms(preset, img_size):
 # ------------------------------------------------------------------------------------------ batching
 
 def collate_fn(batch):
-    """Batch ``(image, target)`` items.
+    """Batch ``(image, target)`` items; None items (unreadable images) are left out.
 
     Returns:
         (images, targets): images stacked to (B, 3, S, S) when all shapes agree, else a list of
-        (3, H, W); targets a list of dicts.
+        (3, H, W); targets a list of dicts. None when every item was None.
     """
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
     images, targets = zip(*batch)
     if all(image.shape == images[0].shape for image in images):
         return torch.stack(images), list(targets)
@@ -433,17 +497,19 @@ def default_num_workers(batch_size=None):
     return min(cpus, 8, batch_size or 8)
 
 
-def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0):
+def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0, sampler=None):
     """A DataLoader over ``dataset`` with ``collate_fn``.
 
     Shuffling and the workers' torch seeds come from a ``torch.Generator`` seeded by ``seed``, so the
     order and the random augmentations repeat run to run. ``num_workers=None`` -> ``default_num_workers``.
+    A ``sampler`` (e.g. a DistributedSampler, which shuffles itself) replaces ``shuffle``.
     """
     if num_workers is None:
         num_workers = default_num_workers(batch_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate_fn, drop_last=drop_last, generator=generator,
                                        persistent_workers=num_workers > 0,
                                        pin_memory=torch.cuda.is_available())
@@ -492,7 +558,31 @@ def dataset_report(dataset, img_size):
               f"boxes dropped: {s['boxes_dropped']} ({s['boxes_dropped_degenerate']} under 1 px or outside "
               f"the image, {s['boxes_dropped_invalid']} non-finite or malformed)",
               f"images dropped: {s['images_missing']} missing on disk, {s['images_dropped_empty']} without boxes"]
+    lines += report_warnings(dataset, img_size, per_class)
     return "\n".join(lines)
+
+
+def report_warnings(dataset, img_size, per_class, tiny_side=8):
+    """WARNING lines for data that will train badly: classes without boxes, boxes too small for img_size
+    (under ``tiny_side`` px after scaling, about one cell of the finest stride-8 level), no boxes at all."""
+    warnings = [f"WARNING: class {name!r} has no boxes; the model cannot learn it"
+                for name, count in zip(dataset.class_names, per_class) if count == 0]
+    tiny = 0
+    for index in range(len(dataset)):
+        boxes, _ = dataset.get_annotations(index)
+        scale = img_size / max(dataset.image_size(index))
+        tiny += int(((boxes[:, 2:] - boxes[:, :2]).min(dim=1).values * scale < tiny_side).sum()) if len(boxes) else 0
+    total = int(per_class.sum())
+    if tiny and tiny >= 0.1 * total:
+        warnings.append(f"WARNING: {tiny}/{total} boxes are under {tiny_side} px on a side at img_size {img_size}; "
+                        f"they are hard to detect at this input size: raise --img-size or crop the images")
+    if total == 0:
+        warnings.append("WARNING: no boxes at all: there is nothing to learn from this data")
+    dropped = dataset.stats["boxes_dropped"]
+    if dropped and dropped >= 0.05 * (total + dropped):
+        warnings.append(f"WARNING: {dropped} of {total + dropped} boxes were dropped as degenerate, outside the "
+                        f"image or non-finite: check how the annotation file was exported")
+    return warnings
 
 
 def get_args_parser():
@@ -510,11 +600,22 @@ def main(argv=None):
     """CLI entry point: print ``dataset_report`` and return it."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.img_size < 1:
+        raise ValueError(f"--img-size must be >= 1, got {args.img_size}")
     dataset = CocoDetectionDataset(args.ann, args.root, classes=args.class_name)
     report = dataset_report(dataset, args.img_size)
     print(report)
     return report
 
 
+def run():
+    """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -3,9 +3,11 @@
 - config: defaults < config_transfer_learning.json < --config FILE < command-line flags, unknown keys refused
 - run folders, metrics.csv and TensorBoard logging
 - learning-rate schedules stepped per iteration, an EMA of the weights with a ramped decay
-- train_one_epoch, RNG state capture for exact resume
+- train_one_epoch (single process or DistributedDataParallel, optional autocast), RNG state capture
+- mixed precision and learning-rate scaling settings shared by both scripts
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import difflib
@@ -21,6 +23,8 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
+
+import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -60,42 +64,154 @@ def log_iteration(writer, model, optimizer, losses, step):
         writer.add_scalar(f"grad_norm/{group}", norm, step)
 
 
-def autocast_context(device, enabled):
-    """bfloat16 autocast on CPU, float16 on CUDA; a no-op context when disabled."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device, enabled, amp_dtype=None):
+    """Autocast in `amp_dtype` ("bf16" or "fp16"; default bfloat16 on CPU, float16 on CUDA); a no-op
+    context when disabled. The loss runs outside it, in float32 (DetectionLoss also casts its inputs)."""
     device_type = torch.device(device).type
-    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    dtype = AMP_DTYPES[amp_dtype or ("fp16" if device_type == "cuda" else "bf16")]
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def check_amp_dtype(amp_dtype, device):
+    """Refuse an amp_dtype the device cannot run, in one line."""
+    if amp_dtype is None:
+        return
+    if amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+    on_cuda = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if amp_dtype == "fp16" and not on_cuda:
+        raise ConfigError("--amp-dtype fp16 needs CUDA; on the CPU use bf16 (the default there)")
+    if amp_dtype == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --amp-dtype fp16")
+
+
+def build_grad_scaler(device, amp, amp_dtype=None):
+    """A GradScaler for float16 on CUDA (its small exponent range underflows gradients); None otherwise,
+    since bfloat16 has float32's range."""
+    if amp and torch.device(device).type == "cuda" and (amp_dtype or "fp16") == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def lr_scale_factor(scaling, batch_size, world_size, reference_batch_size=None):
+    """Multiplier of every configured learning rate for a global batch of batch_size * world_size.
+
+    The config's rates were tuned at `reference_batch_size` (None: `batch_size`, so a single process
+    keeps them as written). "linear": Goyal et al. 2017; "sqrt": the usual rule for Adam-type optimizers.
+    """
+    ratio = batch_size * world_size / (reference_batch_size or batch_size)
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
+
+
+def check_lr_scaling(config):
+    if config["lr_scaling"] not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {config['lr_scaling']!r}")
+    reference = config["lr_reference_batch_size"]
+    if reference is not None and (not isinstance(reference, int) or isinstance(reference, bool) or reference < 1):
+        raise ConfigError(f"lr_reference_batch_size must be a positive integer or null, got {reference!r}")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint holds the work and how to resume."""
+
+
+def last_epoch_saved(last_checkpoint):
+    if not os.path.isfile(last_checkpoint):
+        return None
+    return torch.load(last_checkpoint, map_location="cpu", weights_only=True)["epoch"]
+
+
+@contextlib.contextmanager
+def training_faults(script, last_checkpoint, run_dir, writer=None):
+    """Around a script's epoch loop: Ctrl-C becomes TrainingInterrupted with the resume command, and a
+    NonFiniteLossError says which checkpoint keeps the last good epoch. `last` is written atomically at
+    the end of every epoch, so it always holds a whole epoch and the resume is exact."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.close()
+        done = last_epoch_saved(last_checkpoint)
+        if done is None:
+            raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume, start the "
+                                      "run again") from None
+        raise TrainingInterrupted(f"interrupted in epoch {done + 1}; {last_checkpoint} holds epoch {done} (the "
+                                  f"unfinished epoch is trained again on resume); resume with: python {script} "
+                                  f"--resume {run_dir}") from None
+    except NonFiniteLossError as error:
+        if writer is not None:
+            writer.close()
+        done = last_epoch_saved(last_checkpoint)
+        kept = (f"{last_checkpoint} keeps the last good epoch ({done})" if done is not None
+                else "no epoch finished, so nothing was saved")
+        raise NonFiniteLossError(f"{error}; {kept}") from None
+
+
+def describe_losses(losses):
+    return ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+
+
 def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, scheduler=None, ema=None,
                     scaler=None, amp=False, clip_grad_norm=None, progress=True, description=None,
-                    writer=None, global_step=0, log_interval=20):
+                    writer=None, global_step=0, log_interval=20, max_nonfinite_steps=None, nonfinite_streak=0,
+                    amp_dtype=None):
     """Train for one pass over `data_loader`.
 
     The scheduler (if any) is stepped every iteration, so warmup and cosine schedules behave in short runs.
     With a TensorBoard `writer`, every `log_interval` iterations it logs each loss term, each param
     group's learning rate and each layer group's gradient norm (gradient flow) at `global_step + i`.
+    A step whose loss is NaN or inf (averaged over the ranks, so all ranks skip it together) is skipped (no
+    backward, optimizer, scheduler or EMA update) and counted; after `max_nonfinite_steps` in a row
+    (`nonfinite_streak` carries the count over from the previous epoch) NonFiniteLossError stops the run.
+    Batches whose images all failed to load (None) and images dropped from a batch are counted as
+    "images_skipped". `model` may be a DistributedDataParallel wrapper; the EMA tracks the model inside it,
+    and the logged losses are averaged over the ranks.
 
     Returns:
-        dict of mean loss terms over the epoch plus "images_per_second" and "iterations".
+        dict of mean loss terms over the finite steps (all ranks) plus "images_per_second" (all ranks),
+        "iterations", "nonfinite_steps", "nonfinite_streak", "images_skipped" and "image_ids" (this rank's,
+        in order).
     """
     model.train()
-    sums, num_images, start = {}, 0, time.perf_counter()
+    sums, num_images, image_ids, start = {}, 0, [], time.perf_counter()
+    finite_steps, nonfinite_steps, images_seen = 0, 0, 0
     bar = tqdm(data_loader, desc=description or f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
-    for iteration, (images, targets) in enumerate(bar):
+    for iteration, batch in enumerate(bar):
+        if batch is None:  # every image of the batch was unreadable (warned by the dataset)
+            continue
+        images, targets = batch
+        images_seen += len(images)
         images = images.to(device, non_blocking=True)
-        with autocast_context(device, amp):
+        with autocast_context(device, amp, amp_dtype):
             outputs = model(images)
         losses = criterion(outputs, targets)
-        if not math.isfinite(losses["loss"].item()):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}: {parts}; lower the learning rate or "
-                                     f"check the data")
+        logged = distributed.reduce_mean(losses)
+        if not math.isfinite(logged["loss"].item()):
+            nonfinite_steps += 1
+            nonfinite_streak += 1
+            for key in logged:
+                sums.setdefault(key, 0.0)
+            logger.warning("epoch %d iteration %d: non-finite loss (%s), step skipped (%d in a row)", epoch,
+                           iteration, describe_losses(logged), nonfinite_streak)
+            if max_nonfinite_steps is not None and nonfinite_streak >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{nonfinite_streak} non-finite losses in a row at epoch {epoch} ({describe_losses(logged)}), "
+                    f"so training stopped (max_nonfinite_steps={max_nonfinite_steps}); lower the learning rate, "
+                    f"keep clip_grad_norm on, try without --amp, or check the data for broken boxes")
+            continue
+        nonfinite_streak = 0
+        finite_steps += 1
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
@@ -104,7 +220,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
             losses["loss"].backward()
         step = global_step + iteration
         if writer is not None and step % log_interval == 0:
-            log_iteration(writer, model, optimizer, losses, step)
+            log_iteration(writer, model, optimizer, logged, step)
         if clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if scaler is not None:
@@ -115,20 +231,47 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(distributed.unwrap_model(model))
 
         num_images += images.shape[0]
-        for key, value in losses.items():
+        image_ids.extend(int(target["image_id"]) for target in targets)
+        for key, value in logged.items():
             sums[key] = sums.get(key, 0.0) + value.item()
         if progress:
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()}
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in logged.items()}
                             | {"lr": f"{optimizer.param_groups[0]['lr']:.2e}",
                                "img/s": f"{num_images / (time.perf_counter() - start):.1f}"})
-    iterations = max(len(data_loader), 1)
-    metrics = {key: value / iterations for key, value in sums.items()}
-    metrics["images_per_second"] = num_images / max(time.perf_counter() - start, 1e-9)
-    metrics["iterations"] = iterations
+    metrics = {key: value / finite_steps if finite_steps else float("nan") for key, value in sums.items()}
+    # every rank runs the same number of equal batches (DistributedSampler pads), so the total is world x ours
+    metrics["images_per_second"] = num_images * distributed.get_world_size() / max(time.perf_counter() - start, 1e-9)
+    metrics["iterations"] = max(len(data_loader), 1)
+    metrics["image_ids"] = image_ids
+    expected = expected_images(data_loader)
+    metrics.update(nonfinite_steps=nonfinite_steps, nonfinite_streak=nonfinite_streak,
+                   images_skipped=expected - images_seen if expected is not None else 0)
     return metrics
+
+
+def expected_images(data_loader):
+    """Images one pass of a DataLoader yields when all load (None for a plain iterable)."""
+    batch_sampler = getattr(data_loader, "batch_sampler", None)
+    if batch_sampler is None or not hasattr(batch_sampler, "sampler"):
+        return None
+    if batch_sampler.drop_last:
+        return len(batch_sampler) * batch_sampler.batch_size
+    return len(batch_sampler.sampler)
+
+
+def check_skipped_images(train_metrics, data_loader, max_fraction, epoch):
+    """Refuse an epoch in which more than `max_fraction` of the images could not be read."""
+    expected = expected_images(data_loader) or 1
+    skipped = train_metrics.get("images_skipped", 0)
+    if skipped > max_fraction * expected:
+        raise ConfigError(f"{skipped}/{expected} training images of epoch {epoch} could not be read (more than "
+                          f"max_bad_image_fraction={max_fraction:g}); see the warnings above for their names, "
+                          f"fix or remove them from the annotation file")
+    if skipped:
+        logger.warning("epoch %d: skipped %d/%d unreadable training images", epoch, skipped, expected)
 
 
 # ---- configuration ----------------------------------------------------------------------------------
@@ -242,16 +385,27 @@ class MetricsLog:
     """One row per epoch in metrics.csv (rewritten atomically, so a resumed run never duplicates an epoch)
     and the same numbers in TensorBoard."""
 
-    def __init__(self, run_dir, writer=None):
+    def __init__(self, run_dir, writer=None, keep_until=None):
+        """keep_until: on resume, the checkpoint's epoch; rows of later epochs are dropped at once."""
         self.path = os.path.join(run_dir, "metrics.csv")
         self.writer = writer
         self.rows = []
         if os.path.isfile(self.path):
             with open(self.path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
+        if keep_until is not None and any(int(r["epoch"]) > keep_until for r in self.rows):
+            self.rows = [r for r in self.rows if int(r["epoch"]) <= keep_until]
+            self._write()
 
     def log(self, row, step):
         self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]
+        self._write()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
+
+    def _write(self):
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
         tmp = self.path + ".tmp"
         with open(tmp, "w", newline="") as f:
@@ -259,10 +413,6 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(self.rows)
         os.replace(tmp, self.path)
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
-                    self.writer.add_scalar(f"epoch/{key}", value, step)
 
 
 def create_tensorboard_writer(run_dir):
@@ -354,9 +504,15 @@ def training_checkpoint(model, ema, class_names, config, optimizer=None, schedul
 
 def load_training_checkpoint(path):
     """Read a resumable checkpoint (weights_only=True) and check it is one."""
+    from model_lightweight import load_checkpoint_file
     if not os.path.isfile(path):
         raise ConfigError(f"--resume checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = load_checkpoint_file(path, "--resume checkpoint")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a training checkpoint")
     missing = [k for k in ("train_state_dict", "optimizer_state_dict", "config", "epoch") if k not in checkpoint]
     if missing:
         raise ConfigError(f"{path} cannot be resumed (it lacks {', '.join(missing)}); to start a new run from "

@@ -215,7 +215,8 @@ def _best_f1(scores, is_tp, is_fp, num_gt):
 
 
 def _collate_lists(batch):
-    return tuple(list(items) for items in zip(*batch))
+    batch = [item for item in batch if item is not None]  # unreadable images (the dataset warned)
+    return tuple(list(items) for items in zip(*batch)) if batch else ([], [])
 
 
 def _build_loader(data, batch_size, num_workers):
@@ -268,7 +269,10 @@ def collect_detections(model, data, device=None, iou_threshold=0.6, max_detectio
     model.eval()
     detections = []
     try:
-        for images, targets in loader:
+        for batch in loader:
+            images, targets = batch if batch is not None else ([], [])
+            if not len(images):
+                continue
             for image, target in zip(images, targets):
                 _check_original_frame(image, target)
             results = model.predict([image.to(device) for image in images],

@@ -15,10 +15,12 @@ replace_detection_heads and load_backbone_weights. Checkpoints are plain dicts (
     python model_lightweight.py --summary      # parameters and MACs of every size
 """
 import argparse
+import collections
 import copy
 import logging
 import math
 import os
+import re
 import tempfile
 from functools import partial
 
@@ -436,6 +438,47 @@ class LightweightDetector(nn.Module):
                     f"; missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "")
         return report
 
+    def load_detector_weights(self, path):
+        """Load everything but the class-specific output from a full checkpoint of the same architecture.
+
+        Backbone, FPN, the head's branches and its box regressor are class-agnostic, so a detector
+        pretrained on other classes initialises all of them; only ``head.cls_pred`` keeps its fresh
+        focal-prior init (as in TFA, Wang et al. 2020, and MMDetection's ``load_from`` fine-tuning). This
+        makes the first fine-tuning stage (heads on frozen backbone and FPN) train on pretrained features
+        at every level rather than on a random neck.
+
+        Returns:
+            dict report: "loaded" and "total" tensor counts, "loaded_groups" (tensors per layer group),
+            "skipped" (the re-initialised keys), "source".
+        Raises:
+            ValueError if the file holds no full model (e.g. a backbone-only file) or another size.
+        """
+        checkpoint = load_checkpoint_file(path, "checkpoint")
+        state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict) or not state:
+            raise ValueError(f"{path} holds no full model (model_state_dict); a backbone file initialises the "
+                             f"backbone only: use load_backbone_weights")
+        state = unwrap_state_dict(state)
+        own = self.state_dict()
+        skipped = sorted(k for k in own if k.startswith("head.cls_pred."))
+        mismatched = [k for k, v in state.items() if k in own and k not in skipped and v.shape != own[k].shape]
+        if mismatched:
+            source_size = (checkpoint.get("model_config") or {}).get("model_size", "unknown (no metadata)")
+            raise ValueError(f"{path} holds a {source_size!r} model but this model is {self.model_size!r} "
+                             f"({len(mismatched)} shape mismatches, e.g. {mismatched[0]}); use weights of the same size")
+        loaded = {k: v for k, v in state.items() if k in own and k not in skipped}
+        missing = sorted(set(own) - set(loaded) - set(skipped))
+        if missing:
+            raise ValueError(f"{path} does not match this architecture: {len(missing)} missing tensors "
+                             f"(e.g. {missing[:3]})")
+        self.load_state_dict(loaded, strict=False)
+        groups = collections.Counter(k.split(".", 1)[0] for k in loaded)
+        report = {"loaded": len(loaded), "total": len(own), "loaded_groups": dict(groups), "skipped": skipped,
+                  "source": str(path)}
+        logger.info("loaded %d/%d tensors (%s) from %s; re-initialised %s", len(loaded), len(own),
+                    ", ".join(f"{g} {n}" for g, n in groups.items()), path, ", ".join(skipped))
+        return report
+
     def backbone_checkpoint(self, **metadata):
         """A backbone-only file's contents: the backbone state dict plus what a loader needs to check it."""
         return {"backbone_state_dict": unwrap_state_dict(self.backbone.state_dict()),
@@ -461,10 +504,31 @@ def letterbox(image, img_size):
     return image, (new_w / width, new_h / height)
 
 
+def load_checkpoint_file(path, what="checkpoint"):
+    """torch.load(path, weights_only=True), with any failure as one ValueError line.
+
+    weights_only=True unpickles tensors and plain Python types only, so a file that would run code when
+    unpickled (a class whose __reduce__ calls something) is refused before anything runs.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, a truncated zip's RuntimeError, EOFError, ...
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if code:
+            raise ValueError(f"{what} {path} refused: it would run {code.group(1)} when unpickled, and only "
+                             f"tensors and plain Python types are loaded (weights_only=True); use a checkpoint "
+                             f"written by this toolkit") from None
+        first = (str(error) or "?").splitlines()[0].split(". ")[0][:200]
+        raise ValueError(f"{what} {path} is not a readable torch checkpoint ({type(error).__name__}: {first}); "
+                         f"it may be truncated or corrupt: copy or write it again") from None
+
+
 def read_backbone_state(path):
     """(backbone state dict, source model_config or None) from a backbone file, a full checkpoint or a
     plain state dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path, "backbone file")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     config = checkpoint.get("model_config")
@@ -560,9 +624,7 @@ def model_checkpoint(model, class_names, **extra):
 
 def load_model(checkpoint_path, device="cpu"):
     """Rebuild a ready (eval-mode) model from a checkpoint alone; `model.class_names` is set from it."""
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(checkpoint_path)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
     model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)  # weights follow

@@ -1,0 +1,65 @@
+"""Mixed precision (--amp): bfloat16 autocast on the CPU trains, the loss stays float32, checkpoints stay float32;
+and the learning-rate scaling rule for the global batch."""
+import pytest
+import torch
+
+import engine
+import pretrain_multi_class as pretrain
+from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms
+from losses import DetectionLoss
+from model_lightweight import create_lightweight_model, load_model
+from synthetic_data import write_coco_layout
+
+
+def test_bf16_autocast_overfits_one_batch_in_float32_weights(shapes_dataset):
+    engine.seed_everything(0)
+    dataset = CocoDetectionDataset(shapes_dataset["ann_path"], shapes_dataset["image_dir"],
+                                   transforms=build_transforms("letterbox", 64))
+    loader = build_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
+    model = create_lightweight_model(len(dataset.class_names), "nano", img_size=64)
+    batch = next(iter(loader))
+    images, targets = batch
+    with engine.autocast_context("cpu", True):
+        outputs = model(images)
+    assert outputs["cls_logits"].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
+    assert DetectionLoss()(outputs, targets)["loss"].dtype == torch.float32  # QFL and GIoU in float32
+
+    optimizer = torch.optim.AdamW(model.get_param_groups(3e-3, 3e-3, 3e-3, weight_decay=1e-4))
+    history = [engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", step, amp=True,
+                                      clip_grad_norm=5.0, progress=False)["loss"] for step in range(16)]
+    assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history  # bf16 run: ~1.7 -> ~0.6
+    assert all(tensor.dtype == torch.float32 for tensor in model.state_dict().values() if tensor.is_floating_point())
+
+
+def test_amp_pretraining_checkpoint_is_float32_and_loads(tmp_path):
+    write_coco_layout(str(tmp_path / "coco"), ["person", "car"], num_train=4, num_val=2, img_size=64, seed=0)
+    result = pretrain.main(["--coco-root", str(tmp_path / "coco"), "--epochs", "1", "--batch-size", "4", "--amp",
+                            "--model-size", "nano", "--img-size", "64", "--workers", "0", "--device", "cpu",
+                            "--no-progress", "--output-dir", str(tmp_path / "runs")])
+    checkpoint = torch.load(result["last_checkpoint"], weights_only=True)
+    assert checkpoint["config"]["amp"] is True
+    for key in ("model_state_dict", "train_state_dict"):  # the EMA (inference) weights and the raw ones
+        for name, tensor in checkpoint[key].items():
+            assert not tensor.is_floating_point() or tensor.dtype == torch.float32, (key, name, tensor.dtype)
+    backbone = torch.load(result["last_backbone"], weights_only=True)
+    assert all(t.dtype == torch.float32 for t in backbone["backbone_state_dict"].values() if t.is_floating_point())
+    model = load_model(result["last_checkpoint"])  # a float32 model, strict load
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_amp_dtype_and_scaler_choices():
+    with pytest.raises(engine.ConfigError, match="fp16 needs CUDA"):
+        engine.check_amp_dtype("fp16", "cpu")
+    engine.check_amp_dtype("bf16", "cpu")
+    assert engine.build_grad_scaler("cpu", amp=True) is None  # bfloat16 has float32's range: no scaling
+    assert engine.build_grad_scaler("cuda", amp=True, amp_dtype="bf16") is None
+
+
+def test_lr_scale_factor_follows_the_global_batch():
+    assert engine.lr_scale_factor("linear", 16, 1) == 1.0  # a single process uses the config's rates
+    assert engine.lr_scale_factor("linear", 16, 4) == 4.0
+    assert engine.lr_scale_factor("sqrt", 16, 4) == 2.0
+    assert engine.lr_scale_factor("none", 16, 4) == 1.0
+    assert engine.lr_scale_factor("linear", 32, 2, reference_batch_size=256) == 0.25
+    with pytest.raises(engine.ConfigError, match="lr_scaling"):
+        engine.check_lr_scaling({"lr_scaling": "cubic", "lr_reference_batch_size": None})
