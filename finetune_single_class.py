@@ -29,13 +29,12 @@ import torch
 
 import distributed
 import engine
+from backbone_efficientnet import MissingWeightsPackageError
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, dataset_report
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
-from backbone_efficientnet import MissingWeightsPackageError
 from model_lightweight import (create_lightweight_model, has_imagenet_weights, load_checkpoint_file, model_checkpoint,
-                               read_backbone_state,
-                               save_checkpoint)
+                               read_backbone_state, save_checkpoint)
 
 logger = logging.getLogger("finetune")
 
