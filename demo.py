@@ -96,7 +96,7 @@ def plot_transfer_curve(curves, path):
     for stage in sorted(set(stages)):
         first = epochs[stages.index(stage)]
         ax.text(first - 0.4, 1.02, f"stage {stage}: {STAGE_NAMES[stage]}", fontsize=8, color="grey")
-    ax.set(xlabel="epoch", ylabel="val mAP@0.5", ylim=(0, 1.08), title="whiteline: pretrained backbone vs scratch")
+    ax.set(xlabel="epoch", ylabel="val mAP@0.5", ylim=(0, 1.08), title="whiteline: pretrained vs scratch, same schedule")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
