@@ -487,14 +487,16 @@ def letterbox(image, img_size):
     Returns the float (3, img_size, img_size) image in [0, 1] and the (x, y) resize ratios, which map
     boxes back to the original image by division.
     """
-    if image.dtype == torch.uint8:
-        image = image.float() / 255
     height, width = image.shape[-2:]
     scale = img_size / max(height, width)
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is about 10x faster
+    # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
+    uint8 = image.dtype == torch.uint8
     image = TF.resize(image, [new_h, new_w], antialias=True)
-    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h), value=LETTERBOX_FILL / 255)
-    return image, (new_w / width, new_h / height)
+    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h),
+                  value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
+    return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
 
 
 def read_backbone_state(path):

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from losses import DetectionLoss  # noqa: E402
 from model_lightweight import MODEL_SIZES, create_lightweight_model  # noqa: E402
-from speed import random_targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from speed import SCORE_THRESHOLD, camera_frame, random_targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def training_step(model, criterion, optimizer, images, targets):
@@ -85,9 +85,10 @@ def main(argv=None):
         model.eval()
         if args.fused:
             model.fuse()
-        image = (torch.rand(3, args.img_size * 3 // 4, args.img_size, generator=generator) * 255).to(torch.uint8)
+        frame = camera_frame(args.img_size, generator)
         with torch.no_grad():
-            prof = profile_fn(lambda: model.predict(image, conf_threshold=0.05), args.warmup * 5, args.steps * 10)
+            prof = profile_fn(lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD), args.warmup * 5,
+                              args.steps * 10)
         print_table(f"predict(), batch 1{', fused' if args.fused else ''} ({args.steps * 10} calls)", prof, args)
 
 

@@ -93,3 +93,17 @@ def test_speed_training_worker_reports_throughput_and_rss():
     result = speed.training("nano", args)
     assert result["images_per_s"] > 0
     assert result["peak_rss_mb"] >= result["rss_before_mb"] > 50  # torch alone takes more than 50 MB
+
+
+def test_letterbox_of_uint8_equals_the_letterbox_data_transform():
+    """predict() resizes uint8 as uint8 (the fast path); its pixels must be the data pipeline's."""
+    from torchvision import tv_tensors
+
+    from dataset_coco import build_transforms
+    from model_lightweight import letterbox
+    image = (torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10.0, 50.0, 40.0]]), format="XYXY", canvas_size=(90, 120))
+    want, _ = build_transforms("letterbox", 64)(tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([0])})
+    got, ratios = letterbox(image, 64)
+    assert got.dtype == torch.float32 and ratios == (64 / 120, 48 / 90)
+    torch.testing.assert_close(got, want.as_subclass(torch.Tensor), atol=0, rtol=0)
