@@ -8,11 +8,13 @@ Measures, on this machine: batch-1 fp32 latency of the model forward and of the 
 (letterbox, forward, decoding, NMS); training throughput (forward, loss, backward, optimizer step) and
 its peak RSS, each in a fresh subprocess; data-loader throughput with the `strong` and `moderate`
 augmentations on a generated COCO folder; params and MACs; and the gain of each CPU optimisation
-(BatchNorm fusion, channels_last, predict() without mode switches), each before/after in this run.
+(BatchNorm fusion, channels_last, uint8 letterbox, predict() without mode switches), each before/after in
+this run, the two run alternately.
 Times are the median of --repeats runs after --warmup, with the min-max range. Compare ratios, not
 absolute numbers, across machines.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -31,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms  # noqa: E402
 from losses import DetectionLoss  # noqa: E402
-from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model  # noqa: E402
+from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model, letterbox  # noqa: E402
 from synthetic_data import write_shapes_split  # noqa: E402
 
 BASELINE = "ssdlite320"
@@ -53,6 +55,19 @@ def time_ms(fn, repeats, warmup):
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def time_ms_pair(fn_a, fn_b, repeats, warmup):
+    """time_ms of two functions, run alternately so load on a shared machine disturbs both alike."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    times = ([], [])
+    for _ in range(max(1, repeats)):
+        for fn, out in zip((fn_a, fn_b), times):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    return [{"median": statistics.median(t), "min": min(t), "max": max(t)} for t in times]
 
 
 def machine_info():
@@ -101,7 +116,7 @@ def camera_frame(img_size, generator):
 
 
 def latency(name, model, img_size, args):
-    """Batch-1 forward and full-predict latency in ms."""
+    """Batch-1 forward and full-predict latency in ms; for ours also predict() after model.fuse()."""
     generator = torch.Generator().manual_seed(0)
     model.eval()
     frame = camera_frame(img_size, generator)
@@ -114,8 +129,11 @@ def latency(name, model, img_size, args):
         else:
             tensor = torch.rand(1, 3, img_size, img_size, generator=generator)
             forward = time_ms(lambda: model(tensor), args.repeats, args.warmup)
-            predict = time_ms(lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD), args.repeats,
-                              args.warmup)
+            fused = copy.deepcopy(model).fuse()
+            predict, predict_fused = time_ms_pair(lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD),
+                                                  lambda: fused.predict(frame, conf_threshold=SCORE_THRESHOLD),
+                                                  args.repeats, args.warmup)
+            return {"forward_ms": forward, "predict_ms": predict, "predict_fused_ms": predict_fused}
     return {"forward_ms": forward, "predict_ms": predict}
 
 
@@ -228,16 +246,20 @@ def optimisation_gains(size, args):
         # predict() used to call eval() and train(False) every time; both walk all modules.
         walks = time_ms(lambda: (model.eval(), model.train(False)), args.repeats, args.warmup)
         gains["predict() without mode switches"] = (walks["median"], 0.0, "ms per call (the two module walks)")
-        unfused = time_ms(predict(model), args.repeats, args.warmup)
+        # predict() used to convert uint8 frames to float before resizing; it now resizes uint8.
+        resize_float, resize_uint8 = time_ms_pair(lambda: letterbox(frame.float() / 255, args.img_size),
+                                                  lambda: letterbox(frame, args.img_size), args.repeats, args.warmup)
+        gains["letterbox resizes uint8, not float"] = (resize_float["median"], resize_uint8["median"], "ms")
         fused_model = build_model(size, args.num_classes, args.img_size)
         fused_model.load_state_dict(model.state_dict())
         fused_model.fuse()
-        fused = time_ms(predict(fused_model), args.repeats, args.warmup)
+        unfused, fused = time_ms_pair(predict(model), predict(fused_model), args.repeats, args.warmup)
         gains["BatchNorm fused into convs (model.fuse()), predict()"] = (unfused["median"], fused["median"], "ms")
         contiguous_model = build_model(size, args.num_classes, args.img_size).eval()
+        contiguous_model.load_state_dict(model.state_dict())
         contiguous_model.set_memory_format(torch.contiguous_format)
-        channels_last = time_ms(lambda: model(tensor), args.repeats, args.warmup)
-        contiguous = time_ms(lambda: contiguous_model(tensor), args.repeats, args.warmup)
+        contiguous, channels_last = time_ms_pair(lambda: contiguous_model(tensor), lambda: model(tensor),
+                                                 args.repeats, args.warmup)
         gains["channels_last vs NCHW, forward batch 1"] = (contiguous["median"], channels_last["median"], "ms")
     if not args.skip_train:
         nchw = training(size, args, "contiguous")["images_per_s"]
@@ -366,9 +388,6 @@ def main(argv=None):
         model = build_model(name, args.num_classes, args.img_size)
         params, macs = params_and_macs(name, model, args.img_size)
         rows[name] = {"params": params, "macs": macs, **latency(name, model, args.img_size, args)}
-        if name != BASELINE:
-            fused = latency(name, model.fuse(), args.img_size, args)
-            rows[name]["predict_fused_ms"] = fused["predict_ms"]
         if not args.skip_train:
             rows[name]["train"] = training(name, args)
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
