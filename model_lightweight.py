@@ -381,7 +381,8 @@ class LightweightDetector(nn.Module):
 
     def fuse(self):
         """Fold BatchNorm into the convolutions, in place, for inference: the same outputs (to float
-        rounding) with about a fifth less CPU time. The model stays in eval mode; train() then raises."""
+        rounding) without the BatchNorm passes (benchmarks/speed.py measures the gain). The model stays in
+        eval mode and train() raises; fine-tune an unfused copy."""
         fuse_batchnorm_(self).set_memory_format(self.memory_format)
         self._fused = True
         return self
