@@ -10,7 +10,8 @@ its peak RSS, each in a fresh subprocess; data-loader throughput with the `stron
 augmentations on a generated COCO folder; params and MACs; and the gain of each CPU optimisation
 (BatchNorm fusion, channels_last, uint8 letterbox, predict() without mode switches), each before/after in
 this run, the two run alternately.
-Times are the median of --repeats runs after --warmup, with the min-max range. Compare ratios, not
+Times are the median of --repeats runs after --warmup, with the min-max range; latencies of all models
+are taken round-robin, so load on a shared machine shifts them alike. Compare ratios, not
 absolute numbers, across machines.
 """
 import argparse
@@ -57,17 +58,25 @@ def time_ms(fn, repeats, warmup):
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
-def time_ms_pair(fn_a, fn_b, repeats, warmup):
-    """time_ms of two functions, run alternately so load on a shared machine disturbs both alike."""
+def time_ms_interleaved(fns, repeats, warmup):
+    """time_ms of each function in the dict `fns`, run round-robin, so load on a shared machine disturbs
+    them alike and their ratios stay meaningful."""
     for _ in range(warmup):
-        fn_a(), fn_b()
-    times = ([], [])
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
-        for fn, out in zip((fn_a, fn_b), times):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            out.append((time.perf_counter() - start) * 1e3)
-    return [{"median": statistics.median(t), "min": min(t), "max": max(t)} for t in times]
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)} for name, t in times.items()}
+
+
+def time_ms_pair(fn_a, fn_b, repeats, warmup):
+    """time_ms of two functions, run alternately (see time_ms_interleaved)."""
+    result = time_ms_interleaved({"a": fn_a, "b": fn_b}, repeats, warmup)
+    return result["a"], result["b"]
 
 
 def machine_info():
@@ -115,26 +124,34 @@ def camera_frame(img_size, generator):
     return (torch.rand(3, img_size * 3 // 2, img_size * 2, generator=generator) * 255).to(torch.uint8)
 
 
-def latency(name, model, img_size, args):
-    """Batch-1 forward and full-predict latency in ms; for ours also predict() after model.fuse()."""
+def latency_fns(name, model, img_size):
+    """Closures timed for the latency columns: batch-1 forward and full predict(); for ours also predict()
+    of a model.fuse()d copy."""
     generator = torch.Generator().manual_seed(0)
     model.eval()
     frame = camera_frame(img_size, generator)
+    if name == BASELINE:
+        tensor = model.transform([torch.rand(3, 320, 320, generator=generator)])[0].tensors
+        float_frame = frame.float() / 255  # torchvision detectors take float images
+        return {"forward_ms": lambda: ssdlite_forward(model, tensor), "predict_ms": lambda: model([float_frame])}
+    tensor = torch.rand(1, 3, img_size, img_size, generator=generator)
+    fused = copy.deepcopy(model).fuse()
+    return {"forward_ms": lambda: model(tensor),
+            "predict_ms": lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD),
+            "predict_fused_ms": lambda: fused.predict(frame, conf_threshold=SCORE_THRESHOLD)}
+
+
+def latencies(models, img_size, args):
+    """{name: {column: time_ms}}, every model's forward timed round-robin, then every predict()."""
+    fns = {name: latency_fns(name, model, img_size) for name, model in models.items()}
+    results = {name: {} for name in models}
     with torch.no_grad():
-        if name == BASELINE:
-            tensor = model.transform([torch.rand(3, 320, 320, generator=generator)])[0].tensors
-            forward = time_ms(lambda: ssdlite_forward(model, tensor), args.repeats, args.warmup)
-            float_frame = frame.float() / 255  # torchvision detectors take float images
-            predict = time_ms(lambda: model([float_frame]), args.repeats, args.warmup)
-        else:
-            tensor = torch.rand(1, 3, img_size, img_size, generator=generator)
-            forward = time_ms(lambda: model(tensor), args.repeats, args.warmup)
-            fused = copy.deepcopy(model).fuse()
-            predict, predict_fused = time_ms_pair(lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD),
-                                                  lambda: fused.predict(frame, conf_threshold=SCORE_THRESHOLD),
-                                                  args.repeats, args.warmup)
-            return {"forward_ms": forward, "predict_ms": predict, "predict_fused_ms": predict_fused}
-    return {"forward_ms": forward, "predict_ms": predict}
+        for column in ("forward_ms", "predict_ms", "predict_fused_ms"):
+            timed = time_ms_interleaved({name: f[column] for name, f in fns.items() if column in f},
+                                        args.repeats, args.warmup)
+            for name, value in timed.items():
+                results[name][column] = value
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -382,15 +399,20 @@ def main(argv=None):
         sys.exit(f"error: unknown model size {unknown[0]!r}; choose from {', '.join(MODEL_SIZES)}")
     info = machine_info()
     print(f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}", flush=True)
-    rows = {}
+    models, rows = {}, {}
     for name in sizes + [BASELINE]:
         torch.manual_seed(0)
-        model = build_model(name, args.num_classes, args.img_size)
-        params, macs = params_and_macs(name, model, args.img_size)
-        rows[name] = {"params": params, "macs": macs, **latency(name, model, args.img_size, args)}
-        if not args.skip_train:
-            rows[name]["train"] = training(name, args)
+        models[name] = build_model(name, args.num_classes, args.img_size)
+        params, macs = params_and_macs(name, models[name], args.img_size)
+        rows[name] = {"params": params, "macs": macs}
+    for name, timed in latencies(models, args.img_size, args).items():
+        rows[name].update(timed)
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
+    del models
+    if not args.skip_train:
+        for name in rows:
+            rows[name]["train"] = training(name, args)
+            print(f"{name} training: {json.dumps(rows[name]['train'])}", flush=True)
     loaders = None if args.skip_loader else loader_measurements(args)
     gains = optimisation_gains(args.gain_size, args) if args.gain_size in sizes else {}
     markdown = report(args, info, rows, loaders, gains, target_ratios(rows, loaders))
