@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms.v2 import functional as TF
 
@@ -177,6 +178,46 @@ class SharedConvLevelBN(nn.Module):
         return self.act(self.norms[level](self.conv(x)))
 
 
+class FusedLevelConv(nn.Module):
+    """SharedConvLevelBN with BatchNorm folded in: one conv per level (same weights, per-level scale and bias)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.convs = nn.ModuleList(fuse_conv_bn_eval(shared.conv, norm) for norm in shared.norms)
+        self.act = shared.act
+
+    def forward(self, x, level):
+        return self.act(self.convs[level](x))
+
+
+def fuse_batchnorm_(module):
+    """Fold every BatchNorm of `module` into the convolution before it, in place (eval statistics).
+
+    Conv -> BN pairs inside Sequentials (Conv2dNormActivation) become one conv; each SharedConvLevelBN
+    becomes a FusedLevelConv. Raises RuntimeError if a BatchNorm is left, so a new layer type is not
+    run or exported unfused by accident.
+    """
+    module.eval()
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], nn.BatchNorm2d):
+                    parent[i] = fuse_conv_bn_eval(parent[i], parent[i + 1])
+                    parent[i + 1] = nn.Identity()
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SharedConvLevelBN):
+                setattr(parent, name, FusedLevelConv(child))
+    left = [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+    if left:
+        raise RuntimeError(f"fuse_batchnorm left {len(left)} BatchNorm layers unfused, e.g. {left[:3]}")
+    return module
+
+
+def fuse_batchnorm(model):
+    """An eval-mode copy of `model` with BatchNorm folded into the convolutions; the original is not changed."""
+    return fuse_batchnorm_(copy.deepcopy(model))
+
+
 class Branch(nn.Module):
     """`num_convs` depthwise-separable convs shared across levels (per-level BN)."""
 
@@ -269,8 +310,14 @@ class LightweightDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
+        self._fused = False  # set by fuse(): BatchNorm folded away, inference only
         # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
-        self.to(memory_format=torch.channels_last)
+        self.set_memory_format(torch.channels_last)
+
+    def set_memory_format(self, memory_format):
+        """Weights and activations in `memory_format` (channels_last by default; benchmarks/speed.py toggles it)."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     @property
     def num_classes(self):
@@ -293,7 +340,7 @@ class LightweightDetector(nn.Module):
             dict with "cls_logits" (B, A, num_classes) raw logits; "box_ltrb" (B, A, 4) distances in
             input pixels; "points" (A, 2) xy grid centres; "strides" (A,); "level_sizes" list of A per level.
         """
-        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=self.memory_format)
         features = self.fpn(self.backbone(x))
         cls_logits, box_ltrb = self.head(features, self.strides)
         sizes = [f.shape[-2:] for f in features]
@@ -335,7 +382,8 @@ class LightweightDetector(nn.Module):
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
         was_training = self.training
-        self.eval()
+        if was_training:  # train() walks every module: a few ms per call at batch 1, so only when needed
+            self.eval()
         device = self.pixel_mean.device
         batch, ratios = zip(*(letterbox(img.to(device), self.img_size) for img in images))
         outputs = self(torch.stack(batch))
@@ -344,12 +392,23 @@ class LightweightDetector(nn.Module):
             boxes = result["boxes"] / torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=device)
             height, width = image.shape[-2:]
             result["boxes"] = torchvision.ops.clip_boxes_to_image(boxes, (height, width))
-        self.train(was_training)
+        if was_training:
+            self.train()
         return results
+
+    def fuse(self):
+        """Fold BatchNorm into the convolutions, in place, for inference: the same outputs (to float
+        rounding) without the BatchNorm passes (benchmarks/speed.py measures the gain). The model stays in
+        eval mode and train() raises; fine-tune an unfused copy."""
+        fuse_batchnorm_(self).set_memory_format(self.memory_format)
+        self._fused = True
+        return self
 
     # ---- transfer-learning surface -----------------------------------------------------------------
     def train(self, mode=True):
         """Like nn.Module.train, but BatchNorms of frozen layer groups stay in eval mode."""
+        if mode and self._fused:
+            raise RuntimeError("this model was fused for inference (model.fuse()); train an unfused copy")
         super().train(mode)
         for group in self._frozen_norms:
             for module in getattr(self, group).modules():
@@ -494,14 +553,16 @@ def letterbox(image, img_size):
     Returns the float (3, img_size, img_size) image in [0, 1] and the (x, y) resize ratios, which map
     boxes back to the original image by division.
     """
-    if image.dtype == torch.uint8:
-        image = image.float() / 255
     height, width = image.shape[-2:]
     scale = img_size / max(height, width)
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is about 10x faster
+    # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
+    uint8 = image.dtype == torch.uint8
     image = TF.resize(image, [new_h, new_w], antialias=True)
-    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h), value=LETTERBOX_FILL / 255)
-    return image, (new_w / width, new_h / height)
+    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h),
+                  value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
+    return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
 
 
 def load_checkpoint_file(path, what="checkpoint"):
