@@ -5,7 +5,8 @@
     python export.py --checkpoint best_model.pth --include-nms --conf 0.4 --check-image street.jpg
 
 The graph takes float32 (B, 3, S, S) RGB images in [0, 1], letterboxed to S (longer side resized to S,
-padded right/bottom with 114/255); ImageNet normalisation is inside it. It returns
+padded right/bottom with 114/255); the model's normalisation (model_config mean/std: ImageNet's, or
+127/255 and 128/255 for lite0; recorded in the sidecar) is inside it. It returns
   boxes   (B, A, 4) xyxy in network-input pixels (divide by the letterbox ratio for original pixels)
   scores  (B, A, C) per-class sigmoid probabilities
 or, with --include-nms, one output
@@ -16,7 +17,6 @@ level, because each level has its own BatchNorm). The classic TorchScript-based 
 (`dynamo=False`) is used: it needs no onnxscript and maps NMS to NonMaxSuppression through a symbolic.
 """
 import argparse
-import copy
 import inspect
 import json
 import logging
@@ -30,54 +30,14 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataset_coco import load_image
-from model_lightweight import (LETTERBOX_FILL, STRIDES, SharedConvLevelBN, decode_boxes, letterbox,
-                               load_model)
+from model_lightweight import LETTERBOX_FILL, STRIDES, decode_boxes, fuse_batchnorm, letterbox, load_model
 
 logger = logging.getLogger("export")
 
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12 runs every op used here at 17; NonMaxSuppression needs >= 11
 CHECK_TOLERANCE = 1e-4  # ONNX Runtime vs PyTorch: scores, and boxes as a fraction of the input side
-
-
-# ---------------------------------------------------------------------------------------------- fusion
-
-class FusedLevelConv(nn.Module):
-    """SharedConvLevelBN with BatchNorm folded in: one conv per level (same weights, per-level scale and bias)."""
-
-    def __init__(self, shared):
-        super().__init__()
-        self.convs = nn.ModuleList(fuse_conv_bn_eval(shared.conv, norm) for norm in shared.norms)
-        self.act = shared.act
-
-    def forward(self, x, level):
-        return self.act(self.convs[level](x))
-
-
-def fuse_batchnorm(model):
-    """An eval-mode copy of `model` with every BatchNorm folded into the convolution before it.
-
-    Conv -> BN pairs inside Sequentials (Conv2dNormActivation) become one conv; each SharedConvLevelBN
-    becomes a FusedLevelConv. Raises RuntimeError if a BatchNorm is left, so a new layer type is not
-    exported unfused by accident. The original model is not changed.
-    """
-    fused = copy.deepcopy(model).eval()
-    for module in list(fused.modules()):
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
-                    module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
-                    module[i + 1] = nn.Identity()
-        for name, child in list(module.named_children()):
-            if isinstance(child, SharedConvLevelBN):
-                setattr(module, name, FusedLevelConv(child))
-    left = [name for name, module in fused.named_modules() if isinstance(module, _BatchNorm)]
-    if left:
-        raise RuntimeError(f"fuse_batchnorm left {len(left)} BatchNorm layers unfused, e.g. {left[:3]}")
-    return fused
 
 
 # ---------------------------------------------------------------------------------------------- export graph

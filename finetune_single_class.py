@@ -7,6 +7,7 @@
         --val-root datasets/inaoka/val --val-ann datasets/inaoka/val/annotations.json --batch-size 16
     python finetune_single_class.py --config custom_config.json
     python finetune_single_class.py --no-pretrained ...        # same schedule from random init (the baseline)
+    python finetune_single_class.py --model-size lite0 ...     # EfficientNet-Lite0 from its ImageNet weights
     python finetune_single_class.py --resume finetune_results/whiteline_*/last_model.pth
     torchrun --nproc_per_node=2 finetune_single_class.py --config custom_config.json --amp
 
@@ -14,6 +15,9 @@ Stages and learning rates come from config_transfer_learning.json ("finetuning" 
 a --config file (sections or the flat format) overrides them and may hold the data paths too; flags
 override both. `--pretrained-backbone` initialises weights (a backbone file or any full checkpoint) and
 restores nothing else; `--resume` continues an interrupted run exactly (optimizer, schedule, stage, EMA).
+Backbone init: --pretrained-backbone PATH (e.g. a lite0 pretraining's best_backbone.pth: ImageNet -> COCO
+classes -> one class), or --no-pretrained for random weights; model size lite0 without either starts from
+the ImageNet weights (ImageNet -> one class), and its random baseline is --no-pretrained --no-imagenet.
 """
 import argparse
 import logging
@@ -25,11 +29,12 @@ import torch
 
 import distributed
 import engine
+from backbone_efficientnet import MissingWeightsPackageError
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, dataset_report
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
-from model_lightweight import (create_lightweight_model, load_checkpoint_file, model_checkpoint, read_backbone_state,
-                               save_checkpoint)
+from model_lightweight import (create_lightweight_model, has_imagenet_weights, load_checkpoint_file, model_checkpoint,
+                               read_backbone_state, save_checkpoint)
 
 logger = logging.getLogger("finetune")
 
@@ -50,7 +55,7 @@ DEFAULTS = {
     "stage3_epochs": 20, "stage3_head_lr": 5e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 1e-5,
     "stage3_train_bn": True, "stage_warmup_iters": 50, "stage_final_lr_factor": 0.05,
     "weight_decay": 0.05, "clip_grad_norm": 5.0, "ema_decay": 0.9998, "ema_ramp_iters": 2000,
-    "warmup_start_factor": 0.001, "conf_threshold": 0.5, "progress": True,
+    "warmup_start_factor": 0.001, "conf_threshold": 0.5, "progress": True, "no_imagenet": False,
     "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
 }
 
@@ -68,7 +73,9 @@ def get_args_parser():
     parser.add_argument("--train-ann", help="training COCO annotation JSON")
     parser.add_argument("--val-root", help="validation images folder")
     parser.add_argument("--val-ann", help="validation COCO annotation JSON")
-    parser.add_argument("--model-size", help="nano | tiny | small; must match the backbone file")
+    parser.add_argument("--model-size", help="nano | tiny | small | lite0; must match the backbone file")
+    parser.add_argument("--no-imagenet", action="store_true",
+                        help="lite0: no ImageNet weights (with --no-pretrained: the random-init baseline)")
     parser.add_argument("--img-size", type=int, help="square input side, a multiple of 32")
     parser.add_argument("--batch-size", type=int, help="per process (GPU); N times it under torchrun")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: per CPU count)")
@@ -112,8 +119,14 @@ def check_config(config):
             raise engine.ConfigError(f"{key} is not set: pass --{key.replace('_', '-')} or put it in --config")
         if not os.path.exists(config[key]):
             raise engine.ConfigError(f"{key} does not exist: {config[key]}")
-    if config["no_pretrained"] == bool(config["pretrained_backbone"]) and not config["resume"]:
-        raise engine.ConfigError("pass exactly one of --pretrained-backbone PATH or --no-pretrained")
+    if not config["resume"]:
+        imagenet = has_imagenet_weights(config["model_size"]) and not config["no_imagenet"]
+        if config["no_pretrained"] and imagenet:
+            raise engine.ConfigError(f"--no-pretrained asks for random weights, but model_size "
+                                     f"{config['model_size']!r} starts from ImageNet weights: add --no-imagenet "
+                                     f"for a random init, or drop --no-pretrained to start from ImageNet")
+        if config["no_pretrained"] == bool(config["pretrained_backbone"]) and not imagenet:
+            raise engine.ConfigError("pass exactly one of --pretrained-backbone PATH or --no-pretrained")
     if config["pretrained_backbone"] and not os.path.isfile(config["pretrained_backbone"]):
         raise engine.ConfigError(f"pretrained backbone not found: {config['pretrained_backbone']}")
     if config["batch_size"] < 1 or config["img_size"] < 32:
@@ -184,11 +197,20 @@ def build_data(config):
 
 
 def build_model(config):
-    """Random init, or pretrained weights whose size must match: a backbone file initialises the backbone;
-    a full checkpoint (e.g. pretraining's checkpoints/best.pth) initialises everything but the class
-    output unless transfer is "backbone"."""
-    model = create_lightweight_model(1, config["model_size"], img_size=config["img_size"])
+    """Pretrained weights whose size must match (a backbone file initialises the backbone; a full
+    checkpoint, e.g. pretraining's checkpoints/best.pth, everything but the class output unless transfer is
+    "backbone"), or for lite0 without them the ImageNet backbone (unless no_imagenet), or random init. On
+    --resume the weights come later."""
     path = config["pretrained_backbone"]
+    imagenet = (not path and not config["resume"] and not config.get("no_imagenet")
+                and has_imagenet_weights(config["model_size"]))
+    try:
+        model = create_lightweight_model(1, config["model_size"], img_size=config["img_size"],
+                                         imagenet_pretrained=imagenet)
+    except MissingWeightsPackageError as error:
+        raise engine.ConfigError(str(error)) from error
+    if imagenet:
+        logger.info("backbone init: ImageNet weights (%s)", config["model_size"])
     if path and not config["resume"]:
         _, source_config = read_backbone_state(path)
         source_size = (source_config or {}).get("model_size")

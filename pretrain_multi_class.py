@@ -3,10 +3,12 @@
 Trains on 20-30 common COCO classes (config_transfer_learning.json "pretraining" + "optimization"),
 scores the EMA of the weights with COCO mAP, keeps the best by mAP and writes the backbone alone to
 backbone_weights/, which `finetune_single_class.py --pretrained-backbone` and
-`create_lightweight_model(backbone_weights_path=...)` read.
+`create_lightweight_model(backbone_weights_path=...)` read. Sizes nano/tiny/small start from random
+weights; lite0 (EfficientNet-Lite0) starts its backbone from ImageNet weights unless --no-imagenet.
 
     python pretrain_multi_class.py --coco-root /path/to/coco --epochs 100 --batch-size 32 --model-size tiny
     python pretrain_multi_class.py --coco-root data/coco128 --classes 20 --img-size 320 --device cpu
+    python pretrain_multi_class.py --coco-root /path/to/coco --model-size lite0     # ImageNet -> COCO classes
     python pretrain_multi_class.py --resume pretrain_results/multi_class_<stamp>/checkpoints/last.pth --epochs 150
     torchrun --nproc_per_node=4 pretrain_multi_class.py --coco-root /path/to/coco --batch-size 32 --amp --sync-bn
 
@@ -30,7 +32,8 @@ from dataset_coco import (CocoDetectionDataset, build_dataloader, build_transfor
                           load_coco_json)
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
-from model_lightweight import MODEL_SIZES, STRIDES, create_lightweight_model, save_checkpoint
+from backbone_efficientnet import MissingWeightsPackageError
+from model_lightweight import MODEL_SIZES, STRIDES, create_lightweight_model, has_imagenet_weights, save_checkpoint
 
 logger = logging.getLogger("pretrain")
 
@@ -44,7 +47,7 @@ DEFAULTS = {
     "sync_bn": False, "lr_scaling": "linear", "lr_reference_batch_size": None,
     "eval_interval": 1, "save_interval": 10, "conf_threshold": 0.5,
     "output_dir": "pretrain_results", "resume": None, "device": None, "seed": 0, "print_freq": 20,
-    "progress": True, "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
+    "progress": True, "no_imagenet": False, "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
 }
 # Settings of this machine and invocation, never taken from a resumed checkpoint's config.
 RUNTIME_KEYS = ("config", "resume", "device", "workers", "print_freq", "progress")
@@ -57,7 +60,10 @@ def get_args_parser():
     parser.add_argument("--config", help="JSON file (sections or flat keys) over config_transfer_learning.json")
     parser.add_argument("--classes", help="comma-separated class names, or K for the K most frequent "
                                           "(default: the config's 30 classes present in the data)")
-    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), help="default tiny")
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
+                        help="default tiny; lite0 is EfficientNet-Lite0, ImageNet-initialised")
+    parser.add_argument("--no-imagenet", action="store_true",
+                        help="lite0: random backbone init instead of the ImageNet weights")
     parser.add_argument("--img-size", type=int, help="square input side, a multiple of 32 (default 320)")
     parser.add_argument("--epochs", type=int, help="last epoch to train (default 100)")
     parser.add_argument("--batch-size", type=int, help="per process (GPU); the global batch is N times it under "
@@ -236,10 +242,18 @@ def build_data(config, strict_classes):
 
 
 def build_model(config, num_classes, model_config=None):
-    """A fresh model, or the architecture a resumed checkpoint records."""
+    """A fresh model (lite0: ImageNet backbone unless no_imagenet), or the architecture a resumed
+    checkpoint records (its weights are restored afterwards, so no ImageNet weights are read)."""
     if model_config is not None:
-        return create_lightweight_model(**model_config)
-    return create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"])
+        return create_lightweight_model(**model_config, imagenet_pretrained=False)
+    imagenet = has_imagenet_weights(config["model_size"]) and not config["no_imagenet"]
+    try:
+        model = create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"],
+                                         imagenet_pretrained=imagenet)
+    except MissingWeightsPackageError as error:
+        raise engine.ConfigError(str(error)) from error
+    logger.info("backbone init: %s", "ImageNet weights" if imagenet else "random")
+    return model
 
 
 def build_optimizer(config, model, iters_per_epoch, lr_scale=1.0):

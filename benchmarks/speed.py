@@ -1,0 +1,427 @@
+"""CPU speed of every model size against torchvision's ssdlite320_mobilenet_v3_large, all in one run.
+
+    python benchmarks/speed.py                                  # writes benchmarks/results/speed.md
+    python benchmarks/speed.py --sizes nano tiny --repeats 10 --skip-loader
+    python benchmarks/speed.py --threads 2 --skip-train --output /tmp/speed.md
+
+Measures, on this machine: batch-1 fp32 latency of the model forward and of the full predict()
+(letterbox, forward, decoding, NMS); training throughput (forward, loss, backward, optimizer step) and
+its peak RSS, each in a fresh subprocess; data-loader throughput with the `strong` and `moderate`
+augmentations on a generated COCO folder; params and MACs; and the gain of each CPU optimisation
+(BatchNorm fusion, channels_last, uint8 letterbox, predict() without mode switches), each before/after in
+this run, the two run alternately.
+Times are the median of --repeats runs after --warmup, with the min-max range; latencies of all models
+are taken round-robin, so load on a shared machine shifts them alike. Compare ratios, not
+absolute numbers, across machines.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms  # noqa: E402
+from losses import DetectionLoss  # noqa: E402
+from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model, letterbox  # noqa: E402
+from synthetic_data import write_shapes_split  # noqa: E402
+
+BASELINE = "ssdlite320"
+DEFAULT_OUTPUT = os.path.join(ROOT, "benchmarks", "results", "speed.md")
+# Both detectors keep every box above ssdlite's default score threshold, so with random weights NMS
+# runs at full load (ours: its 1000 pre-NMS candidates; ssdlite: 300 per class), the worst case.
+SCORE_THRESHOLD = 0.001
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def time_ms(fn, repeats, warmup):
+    """{"median", "min", "max"} wall-clock milliseconds of fn() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def time_ms_interleaved(fns, repeats, warmup):
+    """time_ms of each function in the dict `fns`, run round-robin, so load on a shared machine disturbs
+    them alike and their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)} for name, t in times.items()}
+
+
+def time_ms_pair(fn_a, fn_b, repeats, warmup):
+    """time_ms of two functions, run alternately (see time_ms_interleaved)."""
+    result = time_ms_interleaved({"a": fn_a, "b": fn_b}, repeats, warmup)
+    return result["a"], result["b"]
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def build_model(name, num_classes, img_size):
+    """Ours by size name, or torchvision's ssdlite320 (random weights; +1 for its background class)."""
+    if name == BASELINE:
+        return torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=num_classes + 1)
+    return create_lightweight_model(num_classes, name, img_size=img_size)
+
+
+def ssdlite_forward(model, images):
+    """ssdlite's backbone + head on already resized, normalised images (no transform, no NMS)."""
+    features = list(model.backbone(images).values())
+    return model.head(features)
+
+
+def params_and_macs(name, model, img_size):
+    params = sum(p.numel() for p in model.parameters())
+    if name != BASELINE:
+        return params, count_macs(model, img_size)
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ssdlite_forward(model, torch.zeros(1, 3, 320, 320))
+    return params, counter.get_total_flops() // 2
+
+
+def camera_frame(img_size, generator):
+    """A uint8 4:3 frame whose longer side is 2x the input side, so predict() resizes as in real use."""
+    return (torch.rand(3, img_size * 3 // 2, img_size * 2, generator=generator) * 255).to(torch.uint8)
+
+
+def latency_fns(name, model, img_size):
+    """Closures timed for the latency columns: batch-1 forward and full predict(); for ours also predict()
+    of a model.fuse()d copy."""
+    generator = torch.Generator().manual_seed(0)
+    model.eval()
+    frame = camera_frame(img_size, generator)
+    if name == BASELINE:
+        tensor = model.transform([torch.rand(3, 320, 320, generator=generator)])[0].tensors
+        float_frame = frame.float() / 255  # torchvision detectors take float images
+        return {"forward_ms": lambda: ssdlite_forward(model, tensor), "predict_ms": lambda: model([float_frame])}
+    tensor = torch.rand(1, 3, img_size, img_size, generator=generator)
+    fused = copy.deepcopy(model).fuse()
+    return {"forward_ms": lambda: model(tensor),
+            "predict_ms": lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD),
+            "predict_fused_ms": lambda: fused.predict(frame, conf_threshold=SCORE_THRESHOLD)}
+
+
+def latencies(models, img_size, args):
+    """{name: {column: time_ms}}, every model's forward timed round-robin, then every predict()."""
+    fns = {name: latency_fns(name, model, img_size) for name, model in models.items()}
+    results = {name: {} for name in models}
+    with torch.no_grad():
+        for column in ("forward_ms", "predict_ms", "predict_fused_ms"):
+            timed = time_ms_interleaved({name: f[column] for name, f in fns.items() if column in f},
+                                        args.repeats, args.warmup)
+            for name, value in timed.items():
+                results[name][column] = value
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def random_targets(batch_size, img_size, num_classes, generator, max_boxes=6):
+    """Random xyxy boxes (4 to 60 % of the side, 1 to max_boxes per image) and labels 0..num_classes-1."""
+    targets = []
+    for _ in range(batch_size):
+        n = int(torch.randint(1, max_boxes + 1, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * img_size * 0.6
+        wh = (torch.rand(n, 2, generator=generator) * 0.56 + 0.04) * img_size
+        boxes = torch.cat([xy, (xy + wh).clamp(max=img_size)], dim=1)
+        targets.append({"boxes_xyxy": boxes, "labels": torch.randint(num_classes, (n,), generator=generator)})
+    return targets
+
+
+def training_step_fn(name, model, batch_size, img_size, num_classes):
+    """A closure running one full training step (forward, loss, backward, SGD step) on fixed random data."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 3, img_size, img_size, generator=generator)
+    targets = random_targets(batch_size, img_size, num_classes, generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    if name == BASELINE:
+        image_list = list(images)
+        ssd_targets = [{"boxes": t["boxes_xyxy"], "labels": t["labels"] + 1} for t in targets]  # 0 = background
+
+        def loss_fn():
+            return sum(model(image_list, ssd_targets).values())
+    else:
+        criterion = DetectionLoss()
+
+        def loss_fn():
+            return criterion(model(images), targets)["loss"]
+
+    def step():
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def train_worker(args):
+    """Child process: one model's training throughput and peak RSS, printed as one JSON line."""
+    torch.manual_seed(0)
+    model = build_model(args.train_worker, args.num_classes, args.img_size)
+    if args.memory_format == "contiguous":
+        model.set_memory_format(torch.contiguous_format)
+    step = training_step_fn(args.train_worker, model, args.batch_size, args.img_size, args.num_classes)
+    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    times = time_ms(step, args.train_steps, args.train_warmup)
+    rss_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"step_ms": times, "images_per_s": args.batch_size * 1e3 / times["median"],
+                      "images_per_s_range": [args.batch_size * 1e3 / times["max"],
+                                             args.batch_size * 1e3 / times["min"]],
+                      "peak_rss_mb": rss_peak_kb / 1024, "rss_before_mb": rss_before_kb / 1024}))
+
+
+def training(name, args, memory_format="channels_last"):
+    """Run train_worker for `name` in a fresh interpreter, so peak RSS is this model's own."""
+    command = [sys.executable, os.path.abspath(__file__), "--train-worker", name, "--memory-format", memory_format,
+               "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+               "--num-classes", str(args.num_classes), "--train-steps", str(args.train_steps),
+               "--train-warmup", str(args.train_warmup), "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"training measurement of {name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def loader_throughput(preset, image_dir, ann_path, args):
+    """Images/s of build_dataloader with the `preset` augmentation (default workers), after a warm-up epoch."""
+    dataset = CocoDetectionDataset(ann_path, image_dir, transforms=build_transforms(preset, args.img_size))
+    loader = build_dataloader(dataset, batch_size=args.batch_size, shuffle=True)
+    per_epoch = []
+    for epoch in range(1 + max(1, args.loader_epochs)):
+        start, count = time.perf_counter(), 0
+        for images, _ in loader:
+            count += len(images)
+        if epoch:  # epoch 0 starts the workers
+            per_epoch.append(count / (time.perf_counter() - start))
+    return {"median": statistics.median(per_epoch), "min": min(per_epoch), "max": max(per_epoch),
+            "num_workers": loader.num_workers}
+
+
+def loader_measurements(args):
+    class_names = [f"class{i}" for i in range(args.num_classes)]
+    with tempfile.TemporaryDirectory(prefix="speed_coco_") as root:
+        image_dir, ann_path = os.path.join(root, "images"), os.path.join(root, "annotations.json")
+        write_shapes_split(image_dir, ann_path, args.loader_images, class_names, img_size=args.loader_image_size,
+                           min_objects=1, max_objects=6)
+        return {preset: loader_throughput(preset, image_dir, ann_path, args) for preset in ("strong", "moderate")}
+
+
+# ---------------------------------------------------------------------------------------------- optimisations
+
+def optimisation_gains(size, args):
+    """Before/after of each CPU optimisation on one size, in this process."""
+    generator = torch.Generator().manual_seed(0)
+    frame = camera_frame(args.img_size, generator)
+    tensor = torch.rand(1, 3, args.img_size, args.img_size, generator=generator)
+    model = build_model(size, args.num_classes, args.img_size).eval()
+    gains = {}
+    with torch.no_grad():
+        predict = lambda m: (lambda: m.predict(frame, conf_threshold=SCORE_THRESHOLD))  # noqa: E731
+        # predict() used to call eval() and train(False) every time; both walk all modules.
+        walks = time_ms(lambda: (model.eval(), model.train(False)), args.repeats, args.warmup)
+        gains["predict() without mode switches"] = (walks["median"], 0.0, "ms per call (the two module walks)")
+        # predict() used to convert uint8 frames to float before resizing; it now resizes uint8.
+        resize_float, resize_uint8 = time_ms_pair(lambda: letterbox(frame.float() / 255, args.img_size),
+                                                  lambda: letterbox(frame, args.img_size), args.repeats, args.warmup)
+        gains["letterbox resizes uint8, not float"] = (resize_float["median"], resize_uint8["median"], "ms")
+        fused_model = build_model(size, args.num_classes, args.img_size)
+        fused_model.load_state_dict(model.state_dict())
+        fused_model.fuse()
+        unfused, fused = time_ms_pair(predict(model), predict(fused_model), args.repeats, args.warmup)
+        gains["BatchNorm fused into convs (model.fuse()), predict()"] = (unfused["median"], fused["median"], "ms")
+        contiguous_model = build_model(size, args.num_classes, args.img_size).eval()
+        contiguous_model.load_state_dict(model.state_dict())
+        contiguous_model.set_memory_format(torch.contiguous_format)
+        contiguous, channels_last = time_ms_pair(lambda: contiguous_model(tensor), lambda: model(tensor),
+                                                 args.repeats, args.warmup)
+        gains["channels_last vs NCHW, forward batch 1"] = (contiguous["median"], channels_last["median"], "ms")
+    if not args.skip_train:
+        nchw = training(size, args, "contiguous")["images_per_s"]
+        nhwc = training(size, args)["images_per_s"]
+        gains[f"channels_last vs NCHW, training batch {args.batch_size}"] = (nchw, nhwc, "images/s")
+    return gains
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _ms(t):
+    return f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f})"
+
+
+def _ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def report(args, info, rows, loaders, gains, ratios):
+    lines = ["# CPU speed", "",
+             f"Machine: {info['cpu']}, {info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs; "
+             f"{info['torch_threads']} torch threads; torch {info['torch']}, torchvision {info['torchvision']}, "
+             f"Python {info['python']}; {info['platform']}.", "",
+             f"`python benchmarks/speed.py {' '.join(args.argv)}`".replace(" `", "`"), "",
+             f"fp32, input {args.img_size}x{args.img_size}, {args.num_classes} classes (ssdlite: +1 background). "
+             f"Latency: batch 1, median (min-max) of {args.repeats} runs after {args.warmup} warm-up. "
+             f"`predict` = letterbox/resize of a {args.img_size * 2}x{args.img_size * 3 // 2} uint8 frame, forward, "
+             f"decoding and NMS at score threshold {SCORE_THRESHOLD} (ssdlite's default; random weights put "
+             f"NMS at full load); for ssdlite, `model([image])` in eval mode. Training: batch "
+             f"{args.batch_size}, forward + loss + backward + SGD step on random boxes, median of "
+             f"{args.train_steps} steps after {args.train_warmup}, each model in a fresh process; peak RSS "
+             f"is that process's ru_maxrss (Python and torch included; 'before' = after building the model "
+             f"and data). ssdlite320 always runs at 320 px (its transform resizes).", "",
+             "| model | params | MACs | forward ms | predict ms | predict fused ms | train img/s | "
+             "peak RSS MB (before) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        train = row.get("train")
+        train_text = (f"{train['images_per_s']:.1f} ({train['images_per_s_range'][0]:.1f}-"
+                      f"{train['images_per_s_range'][1]:.1f})" if train else "-")
+        rss_text = f"{train['peak_rss_mb']:.0f} ({train['rss_before_mb']:.0f})" if train else "-"
+        fused = _ms(row["predict_fused_ms"]) if "predict_fused_ms" in row else "-"
+        lines.append(f"| {name} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.2f} G | {_ms(row['forward_ms'])} "
+                     f"| {_ms(row['predict_ms'])} | {fused} | {train_text} | {rss_text} |")
+    if loaders:
+        lines += ["", f"Data loader (build_dataloader, default workers = {loaders['strong']['num_workers']}, "
+                  f"batch {args.batch_size}): {args.loader_images} generated {args.loader_image_size}x"
+                  f"{args.loader_image_size} JPEGs, 1-6 boxes each, output {args.img_size} px; median "
+                  f"(min-max) of {args.loader_epochs} epochs after a warm-up epoch. Workers share the CPUs with "
+                  f"nothing else here; in training they share them with the model.", "",
+                  "| augmentation | images/s |", "|---|---|"]
+        lines += [f"| {preset} | {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f}) |" for preset, r in loaders.items()]
+    if gains:
+        lines += ["", f"Optimisations, measured on `{args.gain_size}` in this run (before -> after):", "",
+                  "| optimisation | before | after | unit | gain |", "|---|---|---|---|---|"]
+        for what, (before, after, unit) in gains.items():
+            gain = (f"{before / after:.2f}x faster" if unit == "ms" and after else
+                    f"{after / before:.2f}x faster" if unit == "images/s" else f"-{before:.2f} ms")
+            lines.append(f"| {what} | {before:.2f} | {after:.2f} | {unit} | {gain} |")
+    lines += ["", "Targets (ratios within this run):", ""]
+    lines += [f"- {text}: **{value:.2f}** (target {target}) {'met' if ok else 'NOT met'}"
+              for text, value, target, ok in ratios]
+    return "\n".join(lines) + "\n"
+
+
+def target_ratios(rows, loaders):
+    ratios = []
+    tiny, base = rows.get("tiny"), rows.get(BASELINE)
+    if tiny and base:
+        for key, label in (("predict_ms", "predict()"), ("predict_fused_ms", "fused predict()")):
+            value = _ratio(tiny[key]["median"], base["predict_ms"]["median"])
+            ratios.append((f"tiny {label} latency / ssdlite320 predict latency", value, "<= 0.5", value <= 0.5))
+        if tiny.get("train") and base.get("train"):
+            value = _ratio(tiny["train"]["images_per_s"], base["train"]["images_per_s"])
+            ratios.append(("tiny training images/s / ssdlite320's", value, ">= 2", value >= 2))
+    if tiny and tiny.get("train") and loaders:
+        for preset, result in loaders.items():
+            value = _ratio(result["median"], tiny["train"]["images_per_s"])
+            ratios.append((f"`{preset}` loader images/s / tiny training images/s", value, ">= 3", value >= 3))
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=None, help="model sizes (default: all of MODEL_SIZES)")
+    parser.add_argument("--img-size", type=int, default=320, help="input side in pixels")
+    parser.add_argument("--num-classes", type=int, default=30, help="foreground classes")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per latency")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before each latency")
+    parser.add_argument("--batch-size", type=int, default=16, help="training and data-loader batch")
+    parser.add_argument("--train-steps", type=int, default=8, help="timed training steps per model")
+    parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps per model")
+    parser.add_argument("--loader-images", type=int, default=64, help="generated images for the loader test")
+    parser.add_argument("--loader-image-size", type=int, default=640, help="side of the generated images")
+    parser.add_argument("--loader-epochs", type=int, default=3, help="timed loader epochs")
+    parser.add_argument("--gain-size", default="tiny", help="size on which the optimisations are measured")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="markdown file to write")
+    parser.add_argument("--skip-train", action="store_true", help="no training measurements")
+    parser.add_argument("--skip-loader", action="store_true", help="no data-loader measurements")
+    parser.add_argument("--train-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    args.argv = argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_worker:
+        return train_worker(args)
+    sizes = args.sizes or list(MODEL_SIZES)
+    unknown = [s for s in sizes + [args.gain_size] if s not in MODEL_SIZES]
+    if unknown:
+        sys.exit(f"error: unknown model size {unknown[0]!r}; choose from {', '.join(MODEL_SIZES)}")
+    info = machine_info()
+    print(f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}", flush=True)
+    models, rows = {}, {}
+    for name in sizes + [BASELINE]:
+        torch.manual_seed(0)
+        models[name] = build_model(name, args.num_classes, args.img_size)
+        params, macs = params_and_macs(name, models[name], args.img_size)
+        rows[name] = {"params": params, "macs": macs}
+    for name, timed in latencies(models, args.img_size, args).items():
+        rows[name].update(timed)
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
+    del models
+    if not args.skip_train:
+        for name in rows:
+            rows[name]["train"] = training(name, args)
+            print(f"{name} training: {json.dumps(rows[name]['train'])}", flush=True)
+    loaders = None if args.skip_loader else loader_measurements(args)
+    gains = optimisation_gains(args.gain_size, args) if args.gain_size in sizes else {}
+    markdown = report(args, info, rows, loaders, gains, target_ratios(rows, loaders))
+    print(markdown)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write(markdown)
+    return {"machine": info, "models": rows, "loaders": loaders, "gains": gains}
+
+
+if __name__ == "__main__":
+    main()

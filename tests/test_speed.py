@@ -1,0 +1,109 @@
+"""Speed work keeps outputs identical (model.fuse()), and benchmarks/speed.py keeps running."""
+import importlib.util
+import os
+from argparse import Namespace
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from model_lightweight import create_lightweight_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_speed():
+    spec = importlib.util.spec_from_file_location("speed", os.path.join(ROOT, "benchmarks", "speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trained_statistics_model():
+    """A nano model whose BatchNorms hold non-trivial statistics and affine weights, as after training."""
+    torch.manual_seed(0)
+    model = create_lightweight_model(3, "nano", img_size=64)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_fuse_matches_unfused_and_is_inference_only():
+    model = trained_statistics_model()
+    fused = create_lightweight_model(3, "nano", img_size=64)
+    fused.load_state_dict(model.state_dict())
+    assert fused.fuse() is fused
+    assert not any(isinstance(m, _BatchNorm) for m in fused.modules())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(images), fused(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    want, got = model.predict(frame, conf_threshold=0.0)[0], fused.predict(frame, conf_threshold=0.0)[0]
+    assert len(want["boxes"]) > 0 and torch.equal(got["labels"], want["labels"])
+    torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="fused"):
+        fused.train()
+
+
+def test_predict_keeps_the_training_mode():
+    model = trained_statistics_model()
+    model.train()
+    model.predict(torch.rand(3, 64, 64))
+    assert model.training
+    model.eval()
+    model.predict(torch.rand(3, 64, 64))
+    assert not model.training
+
+
+def test_channels_last_toggle_keeps_outputs():
+    model = trained_statistics_model()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)["cls_logits"]
+        got = model.set_memory_format(torch.contiguous_format)(images)["cls_logits"]
+    assert model.backbone.stem[0].weight.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_speed_script_smoke(tmp_path):
+    """Every measurement of benchmarks/speed.py except training, at toy sizes, writes the report."""
+    speed = load_speed()
+    output = tmp_path / "speed.md"
+    result = speed.main(["--sizes", "nano", "--gain-size", "nano", "--img-size", "64", "--repeats", "1",
+                         "--warmup", "0", "--batch-size", "2", "--loader-images", "4", "--loader-image-size", "96",
+                         "--loader-epochs", "1", "--threads", "1", "--skip-train", "--output", str(output)])
+    assert set(result["models"]) == {"nano", speed.BASELINE}
+    for row in result["models"].values():
+        assert row["predict_ms"]["median"] > 0 and row["forward_ms"]["median"] > 0 and row["macs"] > 0
+    assert set(result["loaders"]) == {"strong", "moderate"} and result["loaders"]["strong"]["median"] > 0
+    assert any("fuse" in what for what in result["gains"])
+    text = output.read_text()
+    assert "| nano |" in text and "| ssdlite320 |" in text and "| strong |" in text and "threads" in text
+
+
+def test_speed_training_worker_reports_throughput_and_rss():
+    speed = load_speed()
+    args = Namespace(img_size=64, batch_size=2, num_classes=3, train_steps=1, train_warmup=0)
+    result = speed.training("nano", args)
+    assert result["images_per_s"] > 0
+    assert result["peak_rss_mb"] >= result["rss_before_mb"] > 50  # torch alone takes more than 50 MB
+
+
+def test_letterbox_of_uint8_equals_the_letterbox_data_transform():
+    """predict() resizes uint8 as uint8 (the fast path); its pixels must be the data pipeline's."""
+    from torchvision import tv_tensors
+
+    from dataset_coco import build_transforms
+    from model_lightweight import letterbox
+    image = (torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10.0, 50.0, 40.0]]), format="XYXY", canvas_size=(90, 120))
+    want, _ = build_transforms("letterbox", 64)(tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([0])})
+    got, ratios = letterbox(image, 64)
+    assert got.dtype == torch.float32 and ratios == (64 / 120, 48 / 90)
+    torch.testing.assert_close(got, want.as_subclass(torch.Tensor), atol=0, rtol=0)
