@@ -116,14 +116,21 @@ def _defined(value):
 
 
 def _gt_with_positive_ann_ids(coco_gt):
-    """Renumber ground-truth annotation ids from 1 when one of them is 0 (or negative).
+    """Renumber ground-truth annotation ids from 1 when one of them is 0 (or negative) or ids repeat.
 
     COCOeval stores the matched gt id in dtMatches and reads 0 as "unmatched", so a gt with id 0
     can never be a true positive (cocoapi#332, torchvision#1530); exports starting at 0 are common.
+    Repeated ids are worse: pycocotools indexes annotations by id, so `loadAnns` returns one box in
+    place of all that share an id and the others silently vanish from the ground truth.
     """
-    if not coco_gt.anns or min(coco_gt.anns) > 0:
+    listed = len(coco_gt.dataset.get("annotations", []))
+    if not coco_gt.anns or (min(coco_gt.anns) > 0 and len(coco_gt.anns) == listed):
         return coco_gt
-    logger.info("annotation ids start at %d; renumbering them from 1 for COCOeval", min(coco_gt.anns))
+    if len(coco_gt.anns) < listed:
+        logger.warning("annotation ids are not unique (%d annotations, %d distinct ids); renumbering them "
+                       "from 1 for COCOeval: fix the ids in the annotation file", listed, len(coco_gt.anns))
+    else:
+        logger.info("annotation ids start at %d; renumbering them from 1 for COCOeval", min(coco_gt.anns))
     renumbered = COCO()
     renumbered.dataset = dict(coco_gt.dataset)
     renumbered.dataset["annotations"] = [dict(ann, id=index + 1)

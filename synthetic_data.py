@@ -372,7 +372,8 @@ def write_scene_split(image_dir, ann_path, num_images, class_names=None, width=2
         file_name = f"{index:06d}.jpg"
         _save_jpeg(image, os.path.join(image_dir, file_name))
         images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
-        annotations += [_box_annotation(len(annotations) + 1, index + 1, 2 * c + 1, box) for c, box in objects]
+        for class_index, box in objects:
+            annotations.append(_box_annotation(len(annotations) + 1, index + 1, 2 * class_index + 1, box))
     categories = [{"id": 2 * i + 1, "name": name, "supercategory": "scene"} for i, name in enumerate(class_names)]
     return _write_coco_json(ann_path, images, annotations, categories)
 
@@ -567,7 +568,8 @@ def write_whiteline_split(image_dir, ann_path, num_images, width=320, height=240
         file_name = f"road_{index:06d}.jpg"
         _save_jpeg(image, os.path.join(image_dir, file_name))
         images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
-        annotations += [_box_annotation(len(annotations) + 1, index + 1, 1, box) for _, box in objects]
+        for _, box in objects:
+            annotations.append(_box_annotation(len(annotations) + 1, index + 1, 1, box))
     return _write_coco_json(ann_path, images, annotations,
                             [{"id": 1, "name": "whiteline", "supercategory": "road marking"}])
 
@@ -575,7 +577,7 @@ def write_whiteline_split(image_dir, ann_path, num_images, width=320, height=240
 # ------------------------------------------------------------------------------ layouts and caching
 
 DATASET_KINDS = ("coco", "whiteline")
-GENERATOR_VERSION = 3  # bump when the rendering changes, so cached data sets are rewritten
+GENERATOR_VERSION = 4  # bump when the rendering changes, so cached data sets are rewritten
 
 
 def dataset_paths(kind, root):

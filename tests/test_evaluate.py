@@ -336,3 +336,15 @@ def test_cli_reports_missing_path(tmp_path, capsys, missing):
                        "--root", str(paths["root"])])
     assert error.value.code == 2
     assert f"--{missing} not found" in capsys.readouterr().err
+
+
+def test_repeated_annotation_ids_are_all_scored(caplog):
+    coco_dict = _coco_dict()
+    for ann in coco_dict["annotations"]:
+        ann["id"] = 1  # an export bug: pycocotools would keep one box per id and drop the rest silently
+    dataset = FakeDataset(coco_dict)
+    with caplog.at_level("WARNING"):
+        metrics = evaluate.evaluate(FakeDetector(_perfect_predictions(dataset)), dataset, num_workers=0)
+    assert metrics["mAP"] == pytest.approx(1.0)
+    assert metrics["recall"] == pytest.approx(1.0)
+    assert "not unique" in caplog.text
