@@ -455,9 +455,16 @@ def test_same_seed_same_loss_curve_on_cpu(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def restore_sigint():
+    """A shell starts background jobs (`cmd &`, CI runners) with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler; give the child the default disposition, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def pretrain_process(*args):
     return subprocess.Popen([sys.executable, "pretrain_multi_class.py", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=restore_sigint)
 
 
 def wait_for_epoch(path, epoch, process, timeout=240):
