@@ -1,6 +1,6 @@
 """The whole toolkit in one command, on synthetic data: pretrain -> fine-tune -> compare with scratch.
 
-    python demo.py                      # about 8 minutes on 2 CPU cores; writes demo_results/
+    python demo.py                      # about 13 minutes on 2 CPU cores; writes demo_results/
     python demo.py --out my_demo --data datasets --workers 2
 
 1. writes two synthetic data sets under --data (reused when present): cluttered multi-class scenes in
@@ -31,14 +31,14 @@ from synthetic_data import SCENE_CLASSES, make_dataset
 logger = logging.getLogger("demo")
 
 # The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
-# whole demo fits in about 8 minutes on 2 CPU cores: the nano model, 256 px inputs, short stages.
+# whole demo takes about 13 minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages.
 DEMO_CONFIG = {
-    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 256, "epochs": 10,
-                    "batch_size": 16, "warmup_iters": 60, "T_0": 10, "T_mult": 1, "eval_interval": 5,
+    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 224, "epochs": 8,
+                    "batch_size": 16, "warmup_iters": 60, "T_0": 8, "T_mult": 1, "eval_interval": 4,
                     "save_interval": 100},
-    "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 8, "stage1_epochs": 3, "stage1_head_lr": 2e-3,
-                   "stage2_epochs": 3, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 6,
-                   "stage3_head_lr": 1e-3, "stage3_fpn_lr": 5e-4, "stage3_backbone_lr": 2e-4, "stage_warmup_iters": 20},
+    "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 8, "stage1_epochs": 2, "stage1_head_lr": 2e-3,
+                   "stage2_epochs": 2, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 16,
+                   "stage3_head_lr": 2e-3, "stage3_fpn_lr": 1e-3, "stage3_backbone_lr": 5e-4, "stage_warmup_iters": 20},
 }
 DATA_SIZES = {"coco": (600, 100), "whiteline": (300, 80)}
 STAGE_NAMES = {1: "heads", 2: "heads+fpn", 3: "all"}
@@ -146,7 +146,7 @@ def main(argv=None):
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     print(f"demo: synthetic data -> pretraining -> fine-tuning (pretrained and scratch) -> {args.out}/\n"
-          f"      about 8 minutes on 2 CPU cores (under 10); schedule in {config_path}", flush=True)
+          f"      about 13 minutes on 2 CPU cores (measured: 12.8); schedule in {config_path}", flush=True)
 
     print("\n== 1/5 synthetic data sets", flush=True)
     coco, _ = make_dataset("coco", os.path.join(args.data, "synthetic_coco"), *sizes["coco"], seed=args.seed)
