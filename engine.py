@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -563,3 +564,22 @@ def describe_trainable(model):
         trainable = sum(p.numel() for p in params if p.requires_grad)
         parts.append(f"{group} {trainable / 1e6:.3f}M trainable / {sum(p.numel() for p in params) / 1e6:.3f}M")
     return "; ".join(parts)
+
+
+def run_script(main, argv=None, bad_input=(ConfigError,)):
+    """A training script's command-line entry, so both scripts end the same way: bad input (`bad_input`)
+    is one line on stderr and exit 2, a run stopped by non-finite losses exit 1, Ctrl-C exit 130 (128 +
+    SIGINT, the shell's convention) with the resume command; never a traceback for these."""
+    try:
+        main(argv)
+    except bad_input as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as error:
+        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        distributed.cleanup()

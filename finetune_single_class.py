@@ -392,19 +392,7 @@ def finish_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler,
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main()
-    except (engine.ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except engine.NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as error:  # 130 = 128 + SIGINT, the shell's convention
-        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        distributed.cleanup()
+    engine.run_script(main, None, bad_input=(engine.ConfigError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

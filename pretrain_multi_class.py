@@ -450,19 +450,7 @@ def finish_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler,
 
 def run(argv=None):
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main(argv)
-    except engine.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except engine.NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as error:  # 130 = 128 + SIGINT, the shell's convention
-        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        distributed.cleanup()
+    engine.run_script(main, argv, bad_input=(engine.ConfigError,))
 
 
 if __name__ == "__main__":
