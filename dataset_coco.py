@@ -491,9 +491,14 @@ def collate_fn(batch):
     return list(images), list(targets)
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_num_workers(batch_size=None):
     """DataLoader workers: the usable CPUs, at most 8 and at most ``batch_size``; 0 on a single CPU."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if cpus <= 1:
         return 0
     return min(cpus, 8, batch_size or 8)

@@ -13,17 +13,22 @@
 The training scripts run through their public main(argv), so the demo also checks the real interfaces.
 """
 import argparse
+import concurrent.futures
 import csv
+import glob
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import finetune_single_class
 import pretrain_multi_class
-from dataset_coco import CocoDetectionDataset, load_image
+from dataset_coco import CocoDetectionDataset, load_image, usable_cpus
 from evaluate import evaluate
 from model_lightweight import load_model
 from synthetic_data import SCENE_CLASSES, make_dataset
@@ -69,9 +74,60 @@ def scaled_plan(scale):
     return config, sizes
 
 
-def common_flags(args):
-    flags = ["--seed", str(args.seed)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+def common_flags(args, workers=True):
+    flags = ["--seed", str(args.seed)]
+    if workers and args.workers is not None:
+        flags += ["--workers", str(args.workers)]
     return flags + ([] if args.progress else ["--no-progress"])
+
+
+def parallel_share(workers=None):
+    """(torch threads, loader workers) for each of two runs side by side: half the CPUs each.
+
+    On 2 CPUs that is one thread and in-process loading per run: two single-thread runs get far more
+    from 2 cores than one run with 2 threads, whose intra-op parallelism on a small model is poor.
+    """
+    threads = max(1, usable_cpus() // 2)
+    return threads, (min(2, threads - 1) if workers is None else workers)
+
+
+def total_epochs(config):
+    return sum(config["finetuning"][f"stage{stage}_epochs"] for stage in (1, 2, 3))
+
+
+def start_script(script, argv, threads, log_path):
+    """Run one of the training scripts by its command line in a subprocess with ``threads`` torch threads,
+    its output going to ``log_path``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, path] + argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_dirs(output_dir):
+    return set(glob.glob(os.path.join(output_dir, "*", "")))
+
+
+def wait_for_finetune(process, output_dir, earlier_runs, log_path, epochs, progress=True):
+    """Wait for a fine-tuning subprocess writing a new run under ``output_dir`` (not one of
+    ``earlier_runs``), showing its epochs; return the new run's summary.json.
+
+    Raises:
+        RuntimeError: the run failed; the message names its log.
+    """
+    bar = tqdm(total=epochs, desc="scratch epochs", disable=not progress)
+    while process.poll() is None:
+        time.sleep(2)
+        for run in run_dirs(output_dir) - earlier_runs:
+            if os.path.isfile(os.path.join(run, "metrics.csv")):
+                with open(os.path.join(run, "metrics.csv")) as f:
+                    bar.update(max(0, sum(1 for _ in f) - 1 - bar.n))
+    bar.close()
+    new = [run for run in run_dirs(output_dir) - earlier_runs if os.path.isfile(os.path.join(run, "summary.json"))]
+    if process.returncode != 0 or len(new) != 1:
+        raise RuntimeError(f"the scratch fine-tuning failed (exit code {process.returncode}); see {log_path}")
+    with open(os.path.join(new[0], "summary.json")) as f:
+        return json.load(f)
 
 
 def read_curve(metrics_csv):
@@ -149,8 +205,10 @@ def main(argv=None):
           f"      about 13 minutes on 2 CPU cores (measured: 12.8); schedule in {config_path}", flush=True)
 
     print("\n== 1/5 synthetic data sets", flush=True)
-    coco, _ = make_dataset("coco", os.path.join(args.data, "synthetic_coco"), *sizes["coco"], seed=args.seed)
-    road, _ = make_dataset("whiteline", os.path.join(args.data, "whiteline"), *sizes["whiteline"], seed=args.seed)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(2, usable_cpus())) as pool:  # one per CPU
+        jobs = {kind: pool.submit(make_dataset, kind, os.path.join(args.data, folder), *sizes[kind], seed=args.seed)
+                for kind, folder in (("coco", "synthetic_coco"), ("whiteline", "whiteline"))}
+        (coco, _), (road, _) = jobs["coco"].result(), jobs["whiteline"].result()
 
     wall = {}
     print("\n== 2/5 pretraining on the multi-class scenes", flush=True)
@@ -162,15 +220,37 @@ def main(argv=None):
     data_flags = ["--class-name", "whiteline", "--train-root", road["train_images"], "--train-ann", road["train_ann"],
                   "--val-root", road["val_images"], "--val-ann", road["val_ann"], "--config", config_path]
     # the full pretraining checkpoint: backbone, FPN and head initialise the fine-tuning (all but the class output)
-    runs = {"pretrained": ["--pretrained-backbone", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]],
-            "scratch": ["--no-pretrained"]}
+    pretrained_flags = ["--pretrained-backbone", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]]
+    threads, workers = parallel_share(args.workers)
+    print(f"\n== 3/5 fine-tuning on whiteline, both arms side by side ({threads} torch thread(s) and {workers} "
+          f"loader worker(s) each): scratch in a subprocess, pretrained here", flush=True)
+    tic = time.perf_counter()
+    scratch_dir = os.path.join(args.out, "finetune_scratch")
+    scratch_log = os.path.join(args.out, "finetune_scratch.log")
+    earlier_runs = run_dirs(scratch_dir)
+    scratch = start_script("finetune_single_class.py", data_flags + ["--no-pretrained", "--output-dir", scratch_dir,
+                           "--workers", str(workers), "--no-progress"] + common_flags(args, workers=False),
+                           threads, scratch_log)
     summaries = {}
-    for step, (name, init) in enumerate(runs.items(), start=3):
-        print(f"\n== {step}/5 fine-tuning on whiteline: {name}", flush=True)
-        tic = time.perf_counter()
-        summaries[name] = finetune_single_class.main(
-            data_flags + init + ["--output-dir", os.path.join(args.out, f"finetune_{name}")] + common_flags(args))
-        wall[name] = time.perf_counter() - tic
+    try:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            summaries["pretrained"] = finetune_single_class.main(
+                data_flags + pretrained_flags + ["--output-dir", os.path.join(args.out, "finetune_pretrained"),
+                                                 "--workers", str(workers)] + common_flags(args, workers=False))
+        finally:
+            torch.set_num_threads(previous_threads)
+        wall["pretrained"] = time.perf_counter() - tic
+        print(f"\n== 4/5 fine-tuning on whiteline: scratch (random init, same schedule; log {scratch_log})",
+              flush=True)
+        summaries["scratch"] = wait_for_finetune(scratch, scratch_dir, earlier_runs, scratch_log, total_epochs(config),
+                                                 args.progress)
+        wall["scratch"] = time.perf_counter() - tic
+    finally:
+        if scratch.poll() is None:  # interrupted or failed here: do not leave the other arm running
+            scratch.terminate()
+            scratch.wait()
 
     print("\n== 5/5 evaluation on the whiteline val set", flush=True)
     val = CocoDetectionDataset(road["val_ann"], road["val_images"])
