@@ -77,7 +77,7 @@ def test_speed_script_smoke(tmp_path):
     output = tmp_path / "speed.md"
     result = speed.main(["--sizes", "nano", "--gain-size", "nano", "--img-size", "64", "--repeats", "1",
                          "--warmup", "0", "--batch-size", "2", "--loader-images", "4", "--loader-image-size", "96",
-                         "--loader-epochs", "1", "--threads", "1", "--skip-train", "--output", str(output)])
+                         "--loader-epochs", "1", "--threads", "1", "--skip-train", "--no-compile", "--output", str(output)])
     assert set(result["models"]) == {"nano", speed.BASELINE}
     for row in result["models"].values():
         assert row["predict_ms"]["median"] > 0 and row["forward_ms"]["median"] > 0 and row["macs"] > 0
@@ -85,6 +85,24 @@ def test_speed_script_smoke(tmp_path):
     assert any("fuse" in what for what in result["gains"])
     text = output.read_text()
     assert "| nano |" in text and "| ssdlite320 |" in text and "| strong |" in text and "threads" in text
+
+
+def test_compiled_fused_predict_matches_eager():
+    """model.fuse().compile() (predict.py --compile, speed.py's compiled column) computes what eager does."""
+    model = trained_statistics_model()
+    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    compiled_model = create_lightweight_model(3, "nano", img_size=64)
+    compiled_model.load_state_dict(model.state_dict())
+    compiled_model.fuse().compile()
+    with torch.no_grad():
+        eager_out, compiled_out = model(images), compiled_model(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(compiled_out[key], eager_out[key], atol=1e-4, rtol=1e-4)
+    eager, compiled = model.predict(frame, conf_threshold=0.001)[0], compiled_model.predict(frame, conf_threshold=0.001)[0]
+    assert len(eager["boxes"]) > 0 and len(compiled["boxes"]) > 0  # top detection: NMS always keeps it
+    torch.testing.assert_close(compiled["boxes"][0], eager["boxes"][0], atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)
 
 
 def test_speed_training_worker_reports_throughput_and_rss():
