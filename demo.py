@@ -38,11 +38,11 @@ logger = logging.getLogger("demo")
 # The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
 # whole demo takes about 13 minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages.
 DEMO_CONFIG = {
-    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 224, "epochs": 14,
+    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 224, "epochs": 13,
                     "batch_size": 8, "lr_reference_batch_size": 8, "augmentation": "moderate", "warmup_iters": 60,
-                    "T_0": 14, "T_mult": 1, "eval_interval": 7, "save_interval": 100},
+                    "T_0": 13, "T_mult": 1, "eval_interval": 13, "save_interval": 100},
     "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 8, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
-                   "stage2_epochs": 1, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 12,
+                   "stage2_epochs": 1, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 11,
                    "stage3_head_lr": 2e-3, "stage3_fpn_lr": 1e-3, "stage3_backbone_lr": 5e-4, "stage_warmup_iters": 20},
 }
 DATA_SIZES = {"coco": (600, 100), "whiteline": (300, 80)}

@@ -367,7 +367,8 @@ def finish_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler,
     """Rank 0's end of an epoch: evaluate the EMA, log, write best_model.pth (on a new best) and
     last_model.pth. Returns (metrics, best mAP, summary)."""
     device = next(model.parameters()).device
-    metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"])
+    metrics = evaluate(ema.module, val_dataset, device, conf_threshold=config["conf_threshold"],
+                       num_workers=config["workers"])
     row = epoch_row(epoch, stage, train_metrics, optimizer, metrics, time.perf_counter() - started)
     log.log(row, epoch)
     writer.add_scalar("epoch/stage", stage["index"], epoch)
