@@ -463,8 +463,9 @@ def build_transforms(preset, img_size):
     elif preset == "moderate":
         # ColorJitter rather than RandomPhotometricDistort: the latter also permutes channels, which
         # fine-tuning on a single class whose colour matters should not see.
-        # Like strong's, the jitter runs after ScaleJitter, on about img_size^2 pixels: 2.7x -> 3.xx the
-        # training throughput of tiny on 2 CPUs (benchmarks/speed.py).
+        # As in strong, the jitter runs after ScaleJitter, on about img_size^2 pixels instead of the whole
+        # photo (its hue step dominated the loader): 89 images/s with 2 workers, 7x tiny's training speed
+        # (benchmarks/results/speed.md).
         jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
         steps = [v2.ScaleJitter(size, scale_range=(0.75, 1.25)), v2.RandomApply([jitter], p=0.3), crop,
                  v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
