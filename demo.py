@@ -30,6 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import engine
 import finetune_single_class
 import pretrain_multi_class
 from dataset_coco import CocoDetectionDataset, load_image, usable_cpus
@@ -38,6 +39,10 @@ from model_lightweight import load_model
 from synthetic_data import SCENE_CLASSES, make_dataset
 
 logger = logging.getLogger("demo")
+
+
+class DemoStepFailed(RuntimeError):
+    """A training script run as a subprocess failed; the message says which and where its output is."""
 
 # The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
 # whole demo takes under 9 minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages. The
@@ -118,7 +123,8 @@ def run_pretraining(argv, batch_size, workers=None):
     result = subprocess.run(command, env=env)  # its output (rank 0's progress) goes straight to the console
     new = sorted(run_dirs(output_dir) - earlier_runs)
     if result.returncode != 0 or len(new) != 1:
-        raise RuntimeError(f"pretraining failed (exit code {result.returncode}): {' '.join(command)}")
+        raise DemoStepFailed(f"pretraining failed (exit code {result.returncode}; its output is above): "
+                             f"{' '.join(command)}")
     paths = pretrain_multi_class.output_paths(new[0])
     with open(os.path.join(new[0], "metrics.csv")) as f:
         best = next(reversed(list(csv.DictReader(f))))["best_mAP"]
@@ -161,7 +167,7 @@ def wait_for_finetune(process, output_dir, earlier_runs, log_path, epochs, progr
     bar.close()
     new = [run for run in run_dirs(output_dir) - earlier_runs if os.path.isfile(os.path.join(run, "summary.json"))]
     if process.returncode != 0 or len(new) != 1:
-        raise RuntimeError(f"the scratch fine-tuning failed (exit code {process.returncode}); see {log_path}")
+        raise DemoStepFailed(f"the scratch fine-tuning failed (exit code {process.returncode}); see {log_path}")
     with open(os.path.join(new[0], "summary.json")) as f:
         return json.load(f)
 
@@ -332,5 +338,14 @@ def main(argv=None):
     return {"results": results, "wall_times": wall, "total_time": total, "pretrain": pretrain}
 
 
+def run(argv=None):
+    """Command-line entry: the training scripts' exit policy, and a failed step as one line, exit 1."""
+    try:
+        engine.run_script(main, argv)
+    except DemoStepFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run()
