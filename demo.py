@@ -155,7 +155,7 @@ def wait_for_finetune(process, output_dir, earlier_runs, log_path, epochs, progr
     ``earlier_runs``), showing its epochs; return the new run's summary.json.
 
     Raises:
-        RuntimeError: the run failed; the message names its log.
+        DemoStepFailed: the run failed; the message names its log.
     """
     bar = tqdm(total=epochs, desc="scratch epochs", disable=not progress)
     while process.poll() is None:

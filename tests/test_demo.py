@@ -1,7 +1,11 @@
 """demo.py end to end at a tiny scale: every stage runs through the scripts' real interfaces."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import demo
 
@@ -25,3 +29,11 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(tmp_path):
     assert pretrained["pretrained_backbone"] in (result["pretrain"]["best_checkpoint"],
                                                  result["pretrain"]["last_checkpoint"])
     assert scratch["no_pretrained"] and not scratch["pretrained_backbone"]
+
+
+def test_a_failed_side_run_is_reported_with_its_log(tmp_path):
+    """The scratch arm runs as a subprocess: its failure must stop the demo with a line naming its log."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    log = str(tmp_path / "finetune_scratch.log")
+    with pytest.raises(demo.DemoStepFailed, match=r"exit code 3.*finetune_scratch\.log"):
+        demo.wait_for_finetune(process, str(tmp_path / "runs"), set(), log, epochs=3, progress=False)
