@@ -106,7 +106,7 @@ def parallel_share(workers=None):
 def run_pretraining(argv, batch_size, workers=None):
     """pretrain_multi_class.py on all CPUs. On 2 or more: data parallel under torchrun, 2 processes that
     share the global ``batch_size`` (so the run learns as one process would), because one process with 2
-    threads is hardly faster than with 1 on a model this small (26 vs 35 images/s measured on 2 cores).
+    threads is hardly faster than with 1 on a model this small (26 vs 33 images/s measured on 2 cores).
     On one CPU it runs here, through main(argv). Returns what main() returns."""
     processes, cpus = min(2, usable_cpus()), usable_cpus()
     if processes < 2 or batch_size % processes:

@@ -37,3 +37,13 @@ def test_a_failed_side_run_is_reported_with_its_log(tmp_path):
     log = str(tmp_path / "finetune_scratch.log")
     with pytest.raises(demo.DemoStepFailed, match=r"exit code 3.*finetune_scratch\.log"):
         demo.wait_for_finetune(process, str(tmp_path / "runs"), set(), log, epochs=3, progress=False)
+
+
+def test_transfer_comparison_reads_the_two_verdicts_off_the_curves():
+    stages = [1, 2, 3, 3]
+    curves = {"pretrained": ([1, 2, 3, 4], [0.2, 0.5, 0.7, 0.8], stages),
+              "scratch": ([1, 2, 3, 4], [0.0, 0.1, 0.4, 0.55], stages)}
+    comparison = demo.transfer_comparison(curves)
+    assert comparison["reaches_scratch_final_at"] == 3 and abs(comparison["final_lead"] - 0.25) < 1e-9
+    curves["scratch"] = ([1, 2, 3, 4], [0.0, 0.1, 0.4, 0.9], stages)  # scratch ends higher: never reached
+    assert demo.transfer_comparison(curves)["reaches_scratch_final_at"] is None
