@@ -42,12 +42,19 @@ LETTERBOX_FILL = 114  # uint8 grey used to pad letterboxed images, as in YOLO
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# One architecture, scaled. Base widths are (stem, stride4, stride8, stride16, stride32).
-BASE_WIDTHS = (32, 64, 128, 256, 512)
-BASE_DEPTHS = (1, 3, 3, 1)
+# One architecture, scaled. Base widths and depths of the four stages (strides 4, 8, 16, 32).
+# Shaped by benchmarks/profile_step.py on a CPU (see "Speed" in the README): the stem is 16 channels at every
+# size, because its stride-2 activations are the largest in the network and their BatchNorm and activation
+# passes are memory-bound (they barely gain from a second thread); the stride-4 stage gets fewer blocks than
+# stride 8, because a block there costs four times as much and the detector reads strides 8-32 only.
+STEM_CHANNELS = 16
+BASE_WIDTHS = (64, 128, 256, 512)
+BASE_DEPTHS = (1, 2, 3, 1)
 MODEL_SIZES = {
     "nano": dict(width_mult=0.5, depth_mult=0.34, fpn_channels=64, head_convs=2),
-    "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=96, head_convs=2),
+    # Neck and head at 64 channels, as YOLOv8n's box branch: the head's 5x5 depthwise convs at stride 8 were
+    # the costliest layers of a training step (oneDNN's depthwise weight gradient is ~5x its forward).
+    "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=64, head_convs=2),
     "small": dict(width_mult=1.25, depth_mult=1.0, fpn_channels=128, head_convs=2),
     # EfficientNet-Lite0 (its own width/depth, 1.0 and 1.0) with the ImageNet weights' normalisation.
     "lite0": dict(backbone="efficientnet_lite0", width_mult=1.0, depth_mult=1.0, fpn_channels=96, head_convs=2,
@@ -111,9 +118,9 @@ class CSPBackbone(nn.Module):
 
     def __init__(self, width_mult=1.0, depth_mult=0.67):
         super().__init__()
-        widths = [_scaled(w, width_mult) for w in BASE_WIDTHS]
+        widths = [STEM_CHANNELS] + [_scaled(w, width_mult) for w in BASE_WIDTHS]
         depths = [max(1, round(d * depth_mult)) for d in BASE_DEPTHS]
-        self.stem = conv_bn_act(3, widths[0], 3, stride=2)
+        self.stem = conv_bn_act(3, STEM_CHANNELS, 3, stride=2)
         self.stages = nn.ModuleList(
             CSPStage(widths[i], widths[i + 1], depths[i], depthwise=widths[i + 1] > DENSE_MAX_CHANNELS)
             for i in range(4))
@@ -689,7 +696,13 @@ def load_model(checkpoint_path, device="cpu"):
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a model checkpoint (needs model_state_dict and model_config)")
     model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)  # weights follow
-    model.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
+    try:
+        model.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
+    except RuntimeError as error:
+        first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
+        raise ValueError(f"{checkpoint_path}: its weights do not fit this code's {model.model_size!r} architecture "
+                         f"({first.strip()}); it was written by another version of model_lightweight.py, so "
+                         "retrain it or load it with that version") from None
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
     return model.to(device).eval()
 

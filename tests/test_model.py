@@ -152,6 +152,17 @@ def test_checkpoint_roundtrip_with_weights_only(tmp_path, model):
     assert torch.equal(loaded(images)["cls_logits"], model(images)["cls_logits"])
 
 
+def test_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path, model):
+    """A checkpoint whose shapes no longer fit (an older model_lightweight.py) names the file and the fix."""
+    checkpoint = model_checkpoint(model, ["a", "b", "c"], epoch=3)
+    checkpoint["model_state_dict"]["backbone.stem.0.weight"] = torch.zeros(32, 3, 3, 3)  # the old 32-channel stem
+    path = tmp_path / "old.pth"
+    save_checkpoint(checkpoint, path)
+    with pytest.raises(ValueError, match="do not fit this code's 'nano' architecture.*stem.*retrain") as error:
+        load_model(path)
+    assert "\n" not in str(error.value)
+
+
 def test_predict_accepts_single_batch_and_list_and_maps_to_original_pixels(model):
     torch.manual_seed(0)
     image = (torch.rand(3, 50, 100) * 255).to(torch.uint8)
