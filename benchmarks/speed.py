@@ -55,7 +55,7 @@ def time_ms(fn, repeats, warmup):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
 
 
 def time_ms_interleaved(fns, repeats, warmup):
@@ -216,10 +216,8 @@ def train_worker(args):
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     times = time_ms(step, args.train_steps, args.train_warmup)
     rss_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"step_ms": times, "images_per_s": args.batch_size * 1e3 / times["median"],
-                      "images_per_s_range": [args.batch_size * 1e3 / times["max"],
-                                             args.batch_size * 1e3 / times["min"]],
-                      "peak_rss_mb": rss_peak_kb / 1024, "rss_before_mb": rss_before_kb / 1024}))
+    print(json.dumps({"step_ms_all": times["all"], "peak_rss_mb": rss_peak_kb / 1024,
+                      "rss_before_mb": rss_before_kb / 1024}))
 
 
 def training(name, args, memory_format="channels_last"):
@@ -232,6 +230,25 @@ def training(name, args, memory_format="channels_last"):
     if result.returncode:
         raise RuntimeError(f"training measurement of {name} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def training_rounds(names, args):
+    """training() of every model, `args.train_rounds` times in turn, so a slow spell of a shared machine
+    falls on all models alike; each model's steps of all rounds are pooled into one median and range."""
+    runs = {name: [] for name in names}
+    for _ in range(args.train_rounds):
+        for name in names:
+            runs[name].append(training(name, args))
+    results = {}
+    for name, measured in runs.items():
+        steps = [t for run in measured for t in run["step_ms_all"]]
+        median = statistics.median(steps)
+        results[name] = {"step_ms": {"median": median, "min": min(steps), "max": max(steps)},
+                         "images_per_s": args.batch_size * 1e3 / median,
+                         "images_per_s_range": [args.batch_size * 1e3 / max(steps), args.batch_size * 1e3 / min(steps)],
+                         "peak_rss_mb": max(run["peak_rss_mb"] for run in measured),
+                         "rss_before_mb": max(run["rss_before_mb"] for run in measured)}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -290,8 +307,8 @@ def optimisation_gains(size, args):
                                                  args.repeats, args.warmup)
         gains["channels_last vs NCHW, forward batch 1"] = (contiguous["median"], channels_last["median"], "ms")
     if not args.skip_train:
-        nchw = training(size, args, "contiguous")["images_per_s"]
-        nhwc = training(size, args)["images_per_s"]
+        nchw, nhwc = (args.batch_size * 1e3 / statistics.median(training(size, args, fmt)["step_ms_all"])
+                      for fmt in ("contiguous", "channels_last"))
         gains[f"channels_last vs NCHW, training batch {args.batch_size}"] = (nchw, nhwc, "images/s")
     return gains
 
@@ -318,7 +335,8 @@ def report(args, info, rows, loaders, gains, ratios):
              f"decoding and NMS at score threshold {SCORE_THRESHOLD} (ssdlite's default; random weights put "
              f"NMS at full load); for ssdlite, `model([image])` in eval mode. Training: batch "
              f"{args.batch_size}, forward + loss + backward + SGD step on random boxes, median of "
-             f"{args.train_steps} steps after {args.train_warmup}, each model in a fresh process; peak RSS "
+             f"{args.train_steps} steps after {args.train_warmup} in each of {args.train_rounds} fresh processes per "
+             f"model (models in turn, steps pooled); peak RSS "
              f"is that process's ru_maxrss (Python and torch included; 'before' = after building the model "
              f"and data). ssdlite320 always runs at 320 px (its transform resizes).", "",
              "`predict compiled`: `model.compile()` (torch.compile, inductor) on a copy, ours BatchNorm-fused "
@@ -392,6 +410,8 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=int, default=16, help="training and data-loader batch")
     parser.add_argument("--train-steps", type=int, default=8, help="timed training steps per model")
     parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps per model")
+    parser.add_argument("--train-rounds", type=int, default=2,
+                        help="fresh-process training measurements per model, models taken in turn")
     parser.add_argument("--loader-images", type=int, default=64, help="generated images for the loader test")
     parser.add_argument("--loader-image-size", type=int, default=640, help="side of the generated images")
     parser.add_argument("--loader-epochs", type=int, default=3, help="timed loader epochs")
@@ -432,9 +452,9 @@ def main(argv=None):
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     del models
     if not args.skip_train:
-        for name in rows:
-            rows[name]["train"] = training(name, args)
-            print(f"{name} training: {json.dumps(rows[name]['train'])}", flush=True)
+        for name, measured in training_rounds(list(rows), args).items():
+            rows[name]["train"] = measured
+            print(f"{name} training: {json.dumps(measured)}", flush=True)
     loaders = None if args.skip_loader else loader_measurements(args)
     gains = optimisation_gains(args.gain_size, args) if args.gain_size in sizes else {}
     markdown = report(args, info, rows, loaders, gains, target_ratios(rows, loaders))

@@ -105,11 +105,13 @@ def test_compiled_fused_predict_matches_eager():
     torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)
 
 
-def test_speed_training_worker_reports_throughput_and_rss():
+def test_speed_training_rounds_pool_the_steps_of_every_process():
     speed = load_speed()
-    args = Namespace(img_size=64, batch_size=2, num_classes=3, train_steps=1, train_warmup=0)
-    result = speed.training("nano", args)
-    assert result["images_per_s"] > 0
+    args = Namespace(img_size=64, batch_size=2, num_classes=3, train_steps=2, train_warmup=0, train_rounds=2)
+    result = speed.training_rounds(["nano"], args)["nano"]
+    steps = result["step_ms"]
+    assert 0 < steps["min"] <= steps["median"] <= steps["max"]
+    assert result["images_per_s"] == pytest.approx(2e3 / steps["median"])
     assert result["peak_rss_mb"] >= result["rss_before_mb"] > 50  # torch alone takes more than 50 MB
 
 
