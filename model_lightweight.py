@@ -43,10 +43,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # One architecture, scaled. Base widths and depths of the four stages (strides 4, 8, 16, 32).
-# Shaped by benchmarks/profile_step.py on a CPU (see "Speed" in the README): the stem is 16 channels at every
+# Shaped by benchmarks/profile_step.py on a CPU (README, "Speed on a CPU"): the stem is 16 channels at every
 # size, because its stride-2 activations are the largest in the network and their BatchNorm and activation
 # passes are memory-bound (they barely gain from a second thread); the stride-4 stage gets fewer blocks than
-# stride 8, because a block there costs four times as much and the detector reads strides 8-32 only.
+# stride 8, because a block there (4x the pixels at half the width) costs as much as one at stride 8, and the
+# detector reads strides 8-32 only.
 STEM_CHANNELS = 16
 BASE_WIDTHS = (64, 128, 256, 512)
 BASE_DEPTHS = (1, 2, 3, 1)
