@@ -43,7 +43,8 @@ COCO_LAYOUT = """expected COCO layout:
     val2017/                              validation images
     annotations/instances_train2017.json
     annotations/instances_val2017.json"""
-SMALL_AREA, MEDIUM_AREA = 32 ** 2, 96 ** 2  # COCO's area bands (cocodataset.org/#detection-eval)
+SMALL_AREA, MEDIUM_AREA = 32 ** 2, 96 ** 2
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"  # start- and end-of-image markers  # COCO's area bands (cocodataset.org/#detection-eval)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -68,12 +69,27 @@ def load_image(path):
     displayed frame. Grayscale, palette, alpha, CMYK and 16-bit (``I;16``/``I``, scaled by ``>> 8``) images
     are converted to RGB.
 
+    A JPEG whose last bytes are missing (an interrupted download or copy; Pillow refuses it as "truncated") is
+    decoded as far as it goes, with a warning: the end-of-image marker is appended and libjpeg fills the few
+    missing rows, as image viewers show it. Skipping it would drop its boxes from training and count them as
+    misses in evaluation.
+
     Returns:
         torch.uint8 tensor (3, H, W).
     """
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return F.pil_to_tensor(_to_rgb(img))
+    try:
+        with Image.open(path) as img:
+            return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
+    except OSError as error:
+        if "truncated" not in str(error):
+            raise
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(JPEG_START):
+            raise
+        logger.warning("%s is a truncated JPEG (%s); decoded what it holds", path, error)
+        with Image.open(io.BytesIO(data + JPEG_END)) as img:
+            return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
 
 
 def resolve_image_path(root, file_name):
@@ -156,11 +172,24 @@ def load_coco_json(path):
             if absent:
                 raise ValueError(f"annotation file {path}: {key}[{index}] lacks {', '.join(absent)} "
                                  f"(each entry needs {', '.join(fields)})")
+    fill_coco_defaults(data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def fill_coco_defaults(data):
+    """Fill what a COCO file may leave out but COCOeval reads, in place: ``iscrowd`` 0 and ``area`` = box
+    width x height (COCO's own area is the mask's; for boxes only, the box's)."""
+    for ann in data["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            bbox = ann.get("bbox")
+            valid = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+            ann["area"] = float(bbox[2] * bbox[3]) if valid else 0.0
+    return data
 
 
 def _select_categories(coco, classes):

@@ -180,12 +180,12 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
 
     Returns:
         dict of mean loss terms over the finite steps (all ranks) plus "images_per_second" (all ranks),
-        "iterations", "nonfinite_steps", "nonfinite_streak", "images_skipped" and "image_ids" (this rank's,
-        in order).
+        "iterations", "nonfinite_steps", "nonfinite_streak", "scaler_skips" (steps GradScaler skipped on
+        overflowing float16 gradients), "images_skipped" and "image_ids" (this rank's, in order).
     """
     model.train()
     sums, num_images, image_ids, start = {}, 0, [], time.perf_counter()
-    finite_steps, nonfinite_steps, images_seen = 0, 0, 0
+    finite_steps, nonfinite_steps, images_seen, scaler_skips = 0, 0, 0, 0
     bar = tqdm(data_loader, desc=description or f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for iteration, batch in enumerate(bar):
@@ -224,15 +224,20 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
             log_iteration(writer, model, optimizer, logged, step)
         if clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        stepped = True
         if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()  # ... and then the scale is lowered
+            stepped = scaler.get_scale() >= scale
+            scaler_skips += not stepped
         else:
             optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update_parameters(distributed.unwrap_model(model))
+        if stepped:  # after a step the scaler skipped, nothing was learned: the schedule and the EMA wait
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update_parameters(distributed.unwrap_model(model))
 
         num_images += images.shape[0]
         image_ids.extend(int(target["image_id"]) for target in targets)
@@ -248,7 +253,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, epoch=0, s
     metrics["iterations"] = max(len(data_loader), 1)
     metrics["image_ids"] = image_ids
     expected = expected_images(data_loader)
-    metrics.update(nonfinite_steps=nonfinite_steps, nonfinite_streak=nonfinite_streak,
+    metrics.update(nonfinite_steps=nonfinite_steps, nonfinite_streak=nonfinite_streak, scaler_skips=scaler_skips,
                    images_skipped=expected - images_seen if expected is not None else 0)
     return metrics
 

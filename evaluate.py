@@ -85,8 +85,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         - "per_class_AP": {class name: AP@[.5:.95]}, the mean of COCOeval's precision array over
           IoU thresholds and recall points (area "all", 100 detections), as COCOeval's own mAP;
         - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
-        - "best_f1", "best_f1_threshold": the best F1 over score thresholds and the score giving it
-          (0.0 when no threshold gives a true positive);
+        - "best_f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall": the best F1 over
+          score thresholds, the score giving it and P/R there (0.0 when no threshold gives a true positive);
         - "num_detections": len(detections).
         Values pycocotools cannot define (its -1: no ground truth for that class or area range)
         are nan; every class of `class_names` has a key. With no detections every defined value
@@ -210,15 +210,18 @@ def _precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold):
 
 
 def _best_f1(scores, is_tp, is_fp, num_gt):
-    """Best F1 over thresholds 'score >= t' for t among the detection scores, and that t."""
+    """Best F1 over thresholds 'score >= t' for t among the detection scores, that t, and the precision and
+    recall there (the operating point fine-tuning stores as the model's calibrated threshold)."""
     if not is_tp.any():
-        return {"best_f1": 0.0, "best_f1_threshold": 0.0}
+        return {"best_f1": 0.0, "best_f1_threshold": 0.0, "best_f1_precision": 0.0, "best_f1_recall": 0.0}
     # A threshold keeps every detection of equal score, so cut only after the last of each run.
     cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
     tp, fp = np.cumsum(is_tp)[cuts], np.cumsum(is_fp)[cuts]
     f1 = 2 * tp / (tp + fp + num_gt)  # = 2PR / (P + R)
     best = int(np.argmax(f1))  # first maximum: ties keep the higher threshold
-    return {"best_f1": float(f1[best]), "best_f1_threshold": float(scores[cuts[best]])}
+    precision, recall, _ = _prf(int(tp[best]), int(fp[best]), num_gt)
+    return {"best_f1": float(f1[best]), "best_f1_threshold": float(scores[cuts[best]]),
+            "best_f1_precision": precision, "best_f1_recall": recall}
 
 
 def _collate_lists(batch):
@@ -354,7 +357,9 @@ def get_args_parser():
     parser.add_argument("--root", required=True, help="image folder of the annotation file")
     parser.add_argument("--class-name", default=None,
                         help="score a 1-class model against this category (default: checkpoint class_names)")
-    parser.add_argument("--conf", type=float, default=0.5, help="score threshold for precision/recall/F1")
+    parser.add_argument("--conf", type=float, default=None,
+                        help="score threshold for precision/recall/F1 (default: the checkpoint's calibrated "
+                             "threshold, stored by fine-tuning; else 0.25)")
     parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--batch-size", type=int, default=8, help="images per predict call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -371,18 +376,13 @@ def _check_paths(parser, args):
             parser.error(f"{flag} not found: {path}")
 
 
-def _class_names(parser, args, num_classes):
-    if args.class_name is not None:
-        class_names = [args.class_name]
-    else:
-        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        class_names = checkpoint.get("class_names")
-        if not class_names:
-            parser.error(f"{args.checkpoint} has no class_names; pass --class-name")
-    if len(class_names) != num_classes:
-        parser.error(f"the model has {num_classes} classes but {len(class_names)} class names "
+def _class_names(parser, args, model):
+    """--class-name for a one-class model, else the class names the checkpoint stores (load_model read them)."""
+    class_names = [args.class_name] if args.class_name is not None else list(model.class_names)
+    if len(class_names) != model.num_classes:
+        parser.error(f"the model has {model.num_classes} classes but {len(class_names)} class names "
                      f"were given: {class_names}")
-    return list(class_names)
+    return class_names
 
 
 def _write_json(path, detections):
@@ -407,7 +407,9 @@ def main(argv=None):
         model = model_lightweight.load_model(args.checkpoint, device=args.device)
     except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         parser.error(f"cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}")
-    class_names = _class_names(parser, args, model.num_classes)
+    class_names = _class_names(parser, args, model)
+    if args.conf is None:
+        args.conf = model.conf_threshold
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
             dataset = dataset_coco.CocoDetectionDataset(args.ann, args.root, classes=class_names,

@@ -21,6 +21,7 @@ the ImageNet weights (ImageNet -> one class), and its random baseline is --no-pr
 """
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -33,12 +34,12 @@ from backbone_efficientnet import MissingWeightsPackageError
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, dataset_report
 from evaluate import evaluate, format_metrics
 from losses import DetectionLoss
-from model_lightweight import (create_lightweight_model, has_imagenet_weights, load_checkpoint_file, model_checkpoint,
-                               read_backbone_state, save_checkpoint)
+from model_lightweight import (DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, create_lightweight_model, has_imagenet_weights,
+                               load_checkpoint_file, model_checkpoint, read_backbone_state, save_checkpoint)
 
 logger = logging.getLogger("finetune")
 
-STAGES = (  # (name, layer groups trained)
+STAGES = (  # (name, pretrained layer groups the stage releases)
     ("heads", ("head",)),
     ("heads+fpn", ("fpn", "head")),
     ("all", ("backbone", "fpn", "head")),
@@ -55,7 +56,7 @@ DEFAULTS = {
     "stage3_epochs": 20, "stage3_head_lr": 5e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 1e-5,
     "stage3_train_bn": True, "stage_warmup_iters": 50, "stage_final_lr_factor": 0.05,
     "weight_decay": 0.05, "clip_grad_norm": 5.0, "ema_decay": 0.9998, "ema_ramp_iters": 2000,
-    "warmup_start_factor": 0.001, "conf_threshold": 0.5, "progress": True, "no_imagenet": False,
+    "warmup_start_factor": 0.001, "conf_threshold": 0.5, "progress": True, "no_imagenet": False, "epochs": None,
     "max_nonfinite_steps": 10, "max_bad_image_fraction": 0.05,
 }
 
@@ -76,6 +77,8 @@ def get_args_parser():
     parser.add_argument("--model-size", help="nano | tiny | small | lite0; must match the backbone file")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="lite0: no ImageNet weights (with --no-pretrained: the random-init baseline)")
+    parser.add_argument("--epochs", type=int, help="total epochs, shared by the three stages in the config's "
+                                                   "proportions (default: the config's stage epochs as they are)")
     parser.add_argument("--img-size", type=int, help="square input side, a multiple of 32")
     parser.add_argument("--batch-size", type=int, help="per process (GPU); N times it under torchrun")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: per CPU count)")
@@ -103,6 +106,11 @@ def parse_config(argv):
         config = {**DEFAULTS, **checkpoint["config"], **engine.explicit_cli_values(parser, argv), "resume": resume}
     config["pretrained_backbone"] = config["pretrained_backbone"] or config.pop("pretrained_backbone_path", None)
     config.pop("pretrained_backbone_path", None)
+    if config["epochs"] is not None:
+        if config["epochs"] < 1:
+            raise engine.ConfigError(f"epochs must be >= 1, got {config['epochs']}")
+        stage_epochs = split_epochs(config["epochs"], [config[f"stage{i}_epochs"] for i in (1, 2, 3)])
+        config.update({f"stage{i}_epochs": epochs for i, epochs in enumerate(stage_epochs, start=1)})
     check_config(config)
     return config
 
@@ -154,18 +162,50 @@ def check_config(config):
     engine.check_lr_scaling(config)
 
 
-def stage_plan(config):
-    """The stages to run: index (1-3), name, layer groups trained, per-group lrs, first and last epoch."""
+def stage_plan(config, pretrained_groups):
+    """The stages to run: index (1-3), name, layer groups trained, per-group lrs, first and last epoch.
+
+    The stages release the *pretrained* groups as the recipe says (heads, then the FPN, then the backbone, each
+    at its own rate); a group that starts from random weights (`pretrained_groups` lacks it: the FPN after a
+    backbone-only or ImageNet init, everything after --no-pretrained) trains from stage 1 at the stage's head
+    rate, BatchNorm in train mode. Frozen random features with their initial BatchNorm statistics teach the head
+    nothing it can keep: releasing them later changes the head's inputs at once (the stage-boundary collapse).
+    """
     plan, first = [], 1
-    for index, (name, groups) in enumerate(STAGES, start=1):
+    for index, (name, released) in enumerate(STAGES, start=1):
         epochs = config[f"stage{index}_epochs"]
         if epochs == 0:
             continue
-        lrs = {group: config[f"stage{index}_{group}_lr"] for group in groups}
+        groups = tuple(g for g in LAYER_GROUPS if g in released or g not in pretrained_groups)
+        lrs = {group: config[f"stage{index}_{group if group in pretrained_groups else 'head'}_lr"] for group in groups}
         plan.append({"index": index, "name": name, "groups": groups, "lrs": lrs, "first_epoch": first,
                      "last_epoch": first + epochs - 1})
         first += epochs
     return plan
+
+
+def split_epochs(total_epochs, proportions):
+    """Stage epochs in the recipe's proportions (E/4, E/4, the rest for 10:10:20): the earlier stages round down
+    to at least 1 epoch each, the last stage with epochs takes what is left; a stage with 0 stays at 0."""
+    used = [index for index, weight in enumerate(proportions) if weight > 0]
+    if not used:
+        raise engine.ConfigError("the recipe has no stage with epochs (stage1_epochs..stage3_epochs all 0)")
+    epochs = [max(1, int(total_epochs * weight / sum(proportions))) if weight > 0 else 0 for weight in proportions]
+    epochs[used[-1]] = 0
+    epochs[used[-1]] = total_epochs - sum(epochs)
+    if epochs[used[-1]] < 1:
+        raise engine.ConfigError(f"--epochs {total_epochs} is too few for the {len(used)}-stage recipe "
+                                 f"(proportions {list(proportions)}); use at least {len(used)}")
+    return tuple(epochs)
+
+
+def describe_stage(stage, pretrained_groups):
+    """'trains head (pretrained) at 0.002, fpn (new) at 0.002; frozen: backbone (pretrained)'."""
+    def origin(group):
+        return "pretrained" if group in pretrained_groups else "new"
+    trained = ", ".join(f"{g} ({origin(g)}) at {stage['lrs'][g]:g}" for g in stage["groups"])
+    frozen = ", ".join(f"{g} ({origin(g)})" for g in LAYER_GROUPS if g not in stage["groups"]) or "nothing"
+    return f"trains {trained}; frozen: {frozen}"
 
 
 def build_data(config):
@@ -228,13 +268,27 @@ def build_model(config):
     return model
 
 
-def configure_stage(model, stage, config, lr_scale=1.0):
-    """Freeze what the stage does not train (BN statistics too); a fresh AdamW (rates x `lr_scale`)."""
+def init_record(config, model):
+    """What the weights started from and which layer groups that made pretrained (the rest are random)."""
+    if config["pretrained_backbone"]:
+        weights = config["pretrained_backbone"]
+    elif model.pretrained_groups:
+        weights = f"ImageNet weights ({config['model_size']} backbone)"
+    else:
+        weights = "random"
+    return {"weights": weights, "pretrained": [g for g in LAYER_GROUPS if g in model.pretrained_groups],
+            "new": [g for g in LAYER_GROUPS if g not in model.pretrained_groups]}
+
+
+def configure_stage(model, stage, config, pretrained_groups, lr_scale=1.0):
+    """Freeze what the stage does not train (BN statistics too); a fresh AdamW (rates x `lr_scale`).
+    stage3_train_bn false keeps the statistics of the pretrained backbone and FPN frozen in stage 3."""
     model.freeze_backbone("backbone" not in stage["groups"])
     model.freeze_fpn("fpn" not in stage["groups"])
     if stage["index"] == 3 and not config["stage3_train_bn"]:
-        model.freeze_batchnorm("backbone")
-        model.freeze_batchnorm("fpn")
+        for group in ("backbone", "fpn"):
+            if group in pretrained_groups:
+                model.freeze_batchnorm(group)
     lrs = {group: lr * lr_scale for group, lr in stage["lrs"].items()}
     optimizer = torch.optim.AdamW(model.get_param_groups(lrs.get("backbone", 0.0), lrs.get("fpn", 0.0),
                                                          lrs["head"], config["weight_decay"]))
@@ -253,7 +307,7 @@ def epoch_row(epoch, stage, train_metrics, optimizer, metrics, epoch_time):
     row.update({k: train_metrics.get(k, 0) for k in ("nonfinite_steps", "images_skipped")})
     row.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
     row.update({k: metrics[k] for k in ("mAP", "mAP50", "mAP75", "precision", "recall", "f1", "best_f1",
-                                        "best_f1_threshold")})
+                                        "best_f1_threshold", "best_f1_precision", "best_f1_recall")})
     row.update({"images_per_second": round(train_metrics["images_per_second"], 2),
                 "epoch_time": round(epoch_time, 2)})
     return row
@@ -292,6 +346,13 @@ def main(argv=None):
                 config["batch_size"], world_size * config["batch_size"], lr_scale, config["lr_scaling"])
 
     checkpoint = engine.load_training_checkpoint(config["resume"]) if config["resume"] else None
+    if checkpoint is None:
+        config["init"] = init_record(config, model)
+    else:  # a run from before provenance-aware stages froze every group as the recipe said: resume it so
+        config.setdefault("init", {"weights": "(not recorded)", "pretrained": list(LAYER_GROUPS), "new": []})
+    pretrained = set(config["init"]["pretrained"])
+    logger.info("init: %s; pretrained groups: %s; new (random) groups: %s", config["init"]["weights"],
+                ", ".join(config["init"]["pretrained"]) or "none", ", ".join(config["init"]["new"]) or "none")
     run_dir = None
     if is_main:
         run_dir = (os.path.dirname(os.path.abspath(config["resume"])) if checkpoint
@@ -304,7 +365,7 @@ def main(argv=None):
     summary = checkpoint.get("summary", {}) if checkpoint else {}
     start_epoch = checkpoint["epoch"] + 1 if checkpoint else 1
     best_map = checkpoint.get("best_map", float("-inf")) if checkpoint else float("-inf")
-    plan = stage_plan(config)
+    plan = stage_plan(config, pretrained)
     if start_epoch > plan[-1]["last_epoch"]:
         raise engine.ConfigError(f"{config['resume']} already finished all {plan[-1]['last_epoch']} epochs; "
                                  f"nothing to resume")
@@ -314,7 +375,7 @@ def main(argv=None):
         for stage in plan:
             if stage["last_epoch"] < start_epoch:
                 continue
-            optimizer = configure_stage(model, stage, config, lr_scale)
+            optimizer = configure_stage(model, stage, config, pretrained, lr_scale)
             scheduler = stage_scheduler(optimizer, stage, len(loader), config)
             if checkpoint and checkpoint.get("stage") == stage["index"] and start_epoch > stage["first_epoch"]:
                 engine.restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
@@ -325,8 +386,8 @@ def main(argv=None):
             # freezing, so no find_unused_parameters (an extra graph traversal every iteration) is needed
             del train_model
             train_model = distributed.wrap_model(model, device)
-            logger.info("stage %d (%s), epochs %d-%d, lrs %s; %s", stage["index"], stage["name"],
-                        stage["first_epoch"], stage["last_epoch"], stage["lrs"], engine.describe_trainable(model))
+            logger.info("stage %d (%s), epochs %d-%d: %s; %s", stage["index"], stage["name"], stage["first_epoch"],
+                        stage["last_epoch"], describe_stage(stage, pretrained), engine.describe_trainable(model))
             if is_main:
                 writer.add_text("stages", f"stage {stage['index']} ({stage['name']}) starts at epoch "
                                           f"{stage['first_epoch']}", stage["first_epoch"])
@@ -354,12 +415,21 @@ def main(argv=None):
     if not is_main:
         return {}
     writer.close()
-    summary.update({"best_model": os.path.join(run_dir, "best_model.pth"),
+    best_path = os.path.join(run_dir, "best_model.pth")
+    if not math.isfinite(best_map):
+        logger.warning("no epoch had a defined mAP (no validation boxes?), so there is no best_model.pth")
+    summary.update({"best_model": best_path if math.isfinite(best_map) else None,
                     "last_model": os.path.join(run_dir, "last_model.pth")})
     engine.write_json_atomic(summary, os.path.join(run_dir, "summary.json"))
     logger.info("best epoch %s (stage %s): %s\n%s", summary.get("best_epoch"), summary.get("best_stage"),
                 run_dir, format_metrics(metrics))
     return summary
+
+
+def calibrated_threshold(metrics):
+    """The validation best-F1 score threshold, which predict() then defaults to; DEFAULT_CONF_THRESHOLD when no
+    threshold found a true positive."""
+    return metrics["best_f1_threshold"] if metrics["best_f1"] > 0 else DEFAULT_CONF_THRESHOLD
 
 
 def finish_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler, scaler, stage, epoch, best_map,
@@ -373,15 +443,17 @@ def finish_epoch(run_dir, config, class_names, model, ema, optimizer, scheduler,
     log.log(row, epoch)
     writer.add_scalar("epoch/stage", stage["index"], epoch)
     engine.log_validation_images(writer, ema.module, val_dataset, epoch, class_names)
-    logger.info("epoch %d stage %d: loss %.4f mAP %.4f mAP50 %.4f P %.3f R %.3f F1 %.3f (%.1f img/s)", epoch,
-                stage["index"], row["loss"], row["mAP"], row["mAP50"], row["precision"], row["recall"],
-                row["f1"], row["images_per_second"])
+    logger.info("epoch %d stage %d: loss %.4f mAP %.4f mAP50 %.4f | P/R/F1 %.3f/%.3f/%.3f at %.2f, %.3f/%.3f/%.3f "
+                "at %.2f (best F1) | %.1f img/s", epoch, stage["index"], row["loss"], row["mAP"], row["mAP50"],
+                row["precision"], row["recall"], row["f1"], config["conf_threshold"], row["best_f1_precision"],
+                row["best_f1_recall"], row["best_f1"], row["best_f1_threshold"], row["images_per_second"])
     if metrics["mAP"] > best_map:  # NaN is never best
         best_map = metrics["mAP"]
+        threshold = calibrated_threshold(metrics)
         summary = {"best_epoch": epoch, "best_stage": stage["index"], "best_stage_name": stage["name"],
-                   "best_metrics": {k: v for k, v in metrics.items() if k != "per_class_AP"}}
-        save_checkpoint(model_checkpoint(ema.module, class_names, config=config, epoch=epoch,
-                                         stage=stage["index"], metrics=summary["best_metrics"]),
+                   "conf_threshold": threshold, "best_metrics": {k: v for k, v in metrics.items() if k != "per_class_AP"}}
+        save_checkpoint(model_checkpoint(ema.module, class_names, config=config, epoch=epoch, stage=stage["index"],
+                                         metrics=summary["best_metrics"], conf_threshold=threshold),
                         os.path.join(run_dir, "best_model.pth"))
     summary.update({"run_dir": run_dir, "last_epoch": epoch, "last_metrics": row})
     save_checkpoint(engine.training_checkpoint(model, ema, class_names, config, optimizer, scheduler, scaler,

@@ -12,6 +12,7 @@ quality focal loss), so the score ranks boxes by localisation quality, which COC
 targets the loss is exactly torchvision's sigmoid_focal_loss.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
@@ -47,7 +48,8 @@ class ATSSAssigner:
     truth and per level, the `topk` points closest to its centre are candidates; candidates whose anchor
     IoU is at least mean + std of the candidates' IoUs and whose point lies inside the box are positive.
     A point claimed by several boxes goes to the one it overlaps most. A box left without positives (tiny
-    objects between grid points) gets its best candidate, so no object is silently ignored.
+    objects between grid points, or a small box nested in a larger one) gets its best candidate unless that
+    point is another box's only positive, so no object is silently ignored.
     """
 
     def __init__(self, topk=9, anchor_scale=8.0):
@@ -85,15 +87,30 @@ class ATSSAssigner:
         inside = offsets.amin(dim=-1) > 0
         positive = is_candidate & (ious >= threshold) & inside & gt_mask[..., None]
 
-        # Boxes with no positive (smaller than the grid spacing) keep their best-IoU candidate.
-        orphan = gt_mask & ~positive.any(dim=-1)  # (B, M)
-        if orphan.any():
-            best = candidates.gather(-1, candidate_ious.argmax(-1, keepdim=True))  # (B, M, 1)
-            positive |= torch.zeros_like(positive).scatter_(-1, best, True) & orphan[..., None]
-
         overlap = ious.masked_fill(~positive, -1.0)
         assigned_gt = overlap.argmax(dim=1)  # (B, A)
-        return assigned_gt, positive.any(dim=1)
+        foreground = positive.any(dim=1)
+        # A box left with no point (smaller than the grid spacing, or nested in a larger box that wins every
+        # shared point on IoU) takes its best candidate, unless that point is another box's only positive.
+        counts = self._points_per_box(assigned_gt, foreground, num_gt)
+        orphans = (gt_mask & (counts == 0)).nonzero().tolist()
+        if orphans:
+            best = candidates.gather(-1, candidate_ious.argmax(-1, keepdim=True)).squeeze(-1)  # (B, M)
+            for b, m in orphans:
+                point = best[b, m]
+                owner = assigned_gt[b, point]
+                if foreground[b, point] and counts[b, owner] == 1:
+                    continue
+                if foreground[b, point]:
+                    counts[b, owner] -= 1
+                assigned_gt[b, point], foreground[b, point], counts[b, m] = m, True, 1
+        return assigned_gt, foreground
+
+    @staticmethod
+    def _points_per_box(assigned_gt, foreground, num_gt):
+        """(B, M) number of foreground points assigned to each box."""
+        counts = torch.zeros(assigned_gt.shape[0], num_gt, dtype=torch.int64, device=assigned_gt.device)
+        return counts.scatter_add_(1, assigned_gt, foreground.long())
 
 
 def pad_targets(targets, device):
@@ -114,7 +131,7 @@ class DetectionLoss(nn.Module):
     """Loss of the LightweightDetector's raw outputs against per-image targets.
 
     forward(outputs, targets) -> {"loss": weighted total, "loss_cls": QFL, "loss_box": GIoU}, each
-    normalised by the number of positives. Computed in float32 whatever the autocast dtype.
+    normalised by the number of positives (averaged over the processes under DDP). Computed in float32 whatever the autocast dtype.
     """
 
     def __init__(self, cls_weight=1.0, box_weight=2.0, focal_gamma=2.0, focal_alpha=None, assigner=None):
@@ -142,7 +159,7 @@ class DetectionLoss(nn.Module):
         target_boxes = gt_boxes.gather(1, assigned_gt[..., None].expand(-1, -1, 4))[foreground]  # (P, 4)
         target_labels = gt_labels.gather(1, assigned_gt)[foreground]  # (P,)
         positive_boxes = pred_boxes[foreground]
-        num_positive = max(float(foreground.sum()), 1.0)
+        num_positive = self._mean_positives(foreground)
 
         cls_targets = torch.zeros_like(cls_logits)
         quality = paired_box_iou(positive_boxes.detach(), target_boxes).clamp(min=0.0)
@@ -155,3 +172,14 @@ class DetectionLoss(nn.Module):
             loss_box = pred_boxes.sum() * 0.0  # keeps the graph (and DDP) intact for all-negative batches
         total = self.cls_weight * loss_cls + self.box_weight * loss_box
         return {"loss": total, "loss_cls": loss_cls.detach(), "loss_box": loss_box.detach()}
+
+    @staticmethod
+    def _mean_positives(foreground):
+        """The normaliser: positives in this batch, averaged over the processes under DDP (as MMDetection's
+        reduce_mean and Detectron2 do), so that N processes, whose gradients DDP averages, compute the
+        gradient of one process on the global batch; at least 1."""
+        count = foreground.sum().float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(float(count), 1.0)

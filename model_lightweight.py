@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 STRIDES = (8, 16, 32)
 LETTERBOX_FILL = 114  # uint8 grey used to pad letterboxed images, as in YOLO
+# Score threshold of a model that carries no calibrated one (Ultralytics' predict default): fine-tuning
+# stores the validation best-F1 threshold instead, since a fixed 0.5 hides most detections of a short run.
+DEFAULT_CONF_THRESHOLD = 0.25
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -319,6 +322,10 @@ class LightweightDetector(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
         self._fused = False  # set by fuse(): BatchNorm folded away, inference only
+        # Layer groups whose weights came from pretraining (ImageNet or a checkpoint), set by the loaders;
+        # the others are random. Fine-tuning freezes only these (a frozen random FPN teaches the head nothing).
+        self.pretrained_groups = set()
+        self.conf_threshold = DEFAULT_CONF_THRESHOLD  # predict()'s default; load_model reads a stored one
         # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
         self.set_memory_format(torch.channels_last)
 
@@ -367,7 +374,7 @@ class LightweightDetector(nn.Module):
         results = []
         for scores, boxes in zip(scores_all, boxes_all):
             scores = scores.flatten()
-            keep = torch.nonzero(scores > conf_threshold).squeeze(1)
+            keep = torch.nonzero(scores >= conf_threshold).squeeze(1)  # "score >= t", as evaluate's P/R
             if keep.numel() > pre_nms_topk:
                 keep = keep[scores[keep].topk(pre_nms_topk).indices]
             scores, labels = scores[keep], keep % num_classes
@@ -377,12 +384,14 @@ class LightweightDetector(nn.Module):
         return results
 
     @torch.no_grad()
-    def predict(self, images, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100):
         """Detect objects in images of any size.
 
         Args:
             images: a CHW tensor, a BCHW batch, or a list of CHW tensors of different sizes; uint8 in
                 [0, 255] or float in [0, 1]. Each is letterboxed to `img_size` internally.
+            conf_threshold: keep detections scoring above it; None: `self.conf_threshold` (a fine-tuned
+                checkpoint's calibrated threshold, else DEFAULT_CONF_THRESHOLD).
         Returns:
             one dict per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
             "scores" (N,), "labels" int64 (N,) in 0..num_classes-1.
@@ -393,6 +402,8 @@ class LightweightDetector(nn.Module):
         if was_training:  # train() walks every module: a few ms per call at batch 1, so only when needed
             self.eval()
         device = self.pixel_mean.device
+        if conf_threshold is None:
+            conf_threshold = self.conf_threshold
         batch, ratios = zip(*(letterbox(img.to(device), self.img_size) for img in images))
         outputs = self(torch.stack(batch))
         results = self.postprocess(outputs, conf_threshold, iou_threshold, max_detections)
@@ -499,6 +510,7 @@ class LightweightDetector(nn.Module):
                              f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                              f"(e.g. {unexpected[:3]}); pass strict=False to load the matching part")
         self.backbone.load_state_dict({k: v for k, v in state.items() if k in own_keys}, strict=False)
+        self.pretrained_groups.add("backbone")
         report = {"loaded": len(own_keys) - len(missing), "total": len(own_keys), "missing_keys": missing,
                   "unexpected_keys": unexpected, "source": str(path)}
         logger.info("loaded %d/%d backbone tensors from %s%s", report["loaded"], report["total"], path,
@@ -540,6 +552,7 @@ class LightweightDetector(nn.Module):
                              f"(e.g. {missing[:3]})")
         self.load_state_dict(loaded, strict=False)
         groups = collections.Counter(k.split(".", 1)[0] for k in loaded)
+        self.pretrained_groups.update(group for group in groups if group in LAYER_GROUPS)
         report = {"loaded": len(loaded), "total": len(own), "loaded_groups": dict(groups), "skipped": skipped,
                   "source": str(path)}
         logger.info("loaded %d/%d tensors (%s) from %s; re-initialised %s", len(loaded), len(own),
@@ -662,6 +675,7 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
         model.load_backbone_weights(backbone_weights_path)
     elif imagenet_pretrained:
         IMAGENET_LOADERS[backbone](model.backbone)
+        model.pretrained_groups.add("backbone")
     return model
 
 
@@ -686,9 +700,11 @@ def save_checkpoint(payload, path):
 
 
 def model_checkpoint(model, class_names, **extra):
-    """The plain-dict checkpoint that load_model and the README snippet read."""
+    """The plain-dict checkpoint that load_model and the README snippet read (`conf_threshold`: the score
+    threshold predict() defaults to; `extra` may override it)."""
     return {"model_state_dict": unwrap_state_dict(model.state_dict()),
-            "model_config": copy.deepcopy(model.model_config), "class_names": list(class_names), **extra}
+            "model_config": copy.deepcopy(model.model_config), "class_names": list(class_names),
+            "conf_threshold": float(model.conf_threshold), **extra}
 
 
 def load_model(checkpoint_path, device="cpu"):
@@ -705,6 +721,7 @@ def load_model(checkpoint_path, device="cpu"):
                          f"({first.strip()}); it was written by another version of model_lightweight.py, so "
                          "retrain it or load it with that version") from None
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
+    model.conf_threshold = float(checkpoint.get("conf_threshold") or DEFAULT_CONF_THRESHOLD)
     return model.to(device).eval()
 
 

@@ -15,21 +15,19 @@ scored against its ground truth with evaluate.coco_metrics; otherwise categories
 checkpoint's class order and images 1..N in sorted path order.
 """
 import argparse
-import contextlib
 import glob
-import io
 import json
 import logging
 import os
+import posixpath
 import sys
 
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from dataset_coco import load_image
+from dataset_coco import load_coco_json, load_image
 from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
 from model_lightweight import load_model
 
@@ -88,19 +86,20 @@ class ImageFiles(torch.utils.data.Dataset):
             return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def coco_ids(ann_path, names, class_names):
-    """Category ids (by class name, case-insensitive) and image ids (by file name) from a COCO file.
+def coco_ids(ann_path, paths, class_names):
+    """Category ids (by class name, case-insensitive) and image ids (by file) from a COCO file.
+
+    An image matches the entry whose ``file_name`` is the longest tail of its path (``DIR/a/0001.png`` is
+    ``a/0001.png``, not ``b/0001.png``); a file whose tail matches no entry but whose base name matches
+    several is an error naming them, never a silent pick.
 
     Returns:
-        (COCO object, category_ids in class order, image_ids in `names` order).
+        (COCO object, category_ids in class order, image_ids in `paths` order).
     """
-    if not os.path.isfile(ann_path):
-        raise PredictError(f"--ann not found: {ann_path}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(ann_path)
-    except (ValueError, KeyError, TypeError) as error:
-        raise PredictError(f"--ann {ann_path} is not a COCO annotation file: {error}") from None
+        coco = load_coco_json(ann_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise PredictError(f"--ann: {error}") from None
     by_name = {}
     for category in coco.loadCats(coco.getCatIds()):
         by_name.setdefault(category["name"].lower(), []).append(category["id"])
@@ -113,17 +112,31 @@ def coco_ids(ann_path, names, class_names):
         if len(ids) > 1:
             raise PredictError(f"class {name!r} matches several categories of --ann {ann_path}: ids {ids}")
         category_ids.append(ids[0])
-    by_file = {}
-    for image in coco.dataset.get("images", []):
-        file_name = image["file_name"].replace("\\", "/")
-        by_file[file_name] = by_file[os.path.basename(file_name)] = image["id"]
-    missing = [name for name in names
-               if name.replace(os.sep, "/") not in by_file and os.path.basename(name) not in by_file]
+    by_base = {}
+    for image in coco.dataset["images"]:
+        file_name = posixpath.normpath(image["file_name"].replace("\\", "/"))
+        by_base.setdefault(os.path.basename(file_name), []).append((file_name, image["id"]))
+    image_ids, missing = [], []
+    for path in paths:
+        image_id = _match_image(os.path.abspath(path).replace(os.sep, "/"), by_base, ann_path)
+        (missing.append(path) if image_id is None else image_ids.append(image_id))
     if missing:
-        raise PredictError(f"{len(missing)}/{len(names)} images are not in --ann {ann_path} (e.g. "
+        raise PredictError(f"{len(missing)}/{len(paths)} images are not in --ann {ann_path} (e.g. "
                            f"{', '.join(missing[:3])}); pass a --source that holds only its images")
-    image_ids = [by_file.get(name.replace(os.sep, "/"), by_file.get(os.path.basename(name))) for name in names]
     return coco, category_ids, image_ids
+
+
+def _match_image(path, by_base, ann_path):
+    """The id of the entry whose file_name is the longest tail of `path`; a unique base name otherwise."""
+    candidates = by_base.get(os.path.basename(path), [])
+    tails = [(len(name), image_id) for name, image_id in candidates if path == name or path.endswith("/" + name)]
+    if tails:
+        return max(tails)[1]
+    if len(candidates) > 1:
+        raise PredictError(f"{path} matches several images of --ann {ann_path} by name "
+                           f"({', '.join(name for name, _ in candidates[:4])}); pass --source as the folder the "
+                           f"file_name entries are relative to")
+    return candidates[0][1] if candidates else None
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -191,7 +204,7 @@ def _scores_text(scores):
 
 
 def above(result, conf_threshold):
-    keep = result["scores"] > conf_threshold
+    keep = result["scores"] >= conf_threshold
     return {key: value[keep] for key, value in result.items()}
 
 
@@ -208,7 +221,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
     parser.add_argument("--source", required=True, help="an image, a folder of images, or a quoted glob")
-    parser.add_argument("--conf", type=float, default=0.5, help="score threshold for drawn and saved detections")
+    parser.add_argument("--conf", type=float, default=None,
+                        help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
+                             "threshold, stored by fine-tuning; else 0.25)")
     parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=100, help="detections kept per image")
     parser.add_argument("--save-dir", default="predictions", help="folder for drawn images and predictions.json")
@@ -247,9 +262,12 @@ def main(argv=None):
     if args.compile:
         model.compile()  # nn.Module.compile: predict()'s self(...) runs the compiled forward
     class_names = list(model.class_names)
+    if args.conf is None:
+        args.conf = model.conf_threshold
+        logger.info("score threshold %.3f (the checkpoint's; --conf overrides it)", args.conf)
     paths, names = find_images(args.source)
     if args.ann:
-        coco, category_ids, image_ids = coco_ids(args.ann, names, class_names)
+        coco, category_ids, image_ids = coco_ids(args.ann, paths, class_names)
     else:
         coco, category_ids, image_ids = None, list(range(1, len(class_names) + 1)), list(range(1, len(paths) + 1))
     # With --ann, detections down to COCO's 0.001 are kept for mAP, so it equals evaluate.py's; the
@@ -271,7 +289,7 @@ def main(argv=None):
                            f"(e.g. {skipped[0]})")
     json_path = os.path.join(args.save_dir, "predictions.json")
     write_json(saved, json_path)
-    print(f"{len(predicted)} images, {len(saved)} detections at conf > {args.conf:g}"
+    print(f"{len(predicted)} images, {len(saved)} detections at conf >= {args.conf:g}"
           f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: drawn images and {json_path}")
     summary = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "save_dir": args.save_dir,
                "predictions_json": json_path}

@@ -47,15 +47,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import engine  # noqa: E402
 import finetune_single_class  # noqa: E402
+from finetune_single_class import split_epochs  # noqa: E402
 import pretrain_multi_class  # noqa: E402
 from model_lightweight import MODEL_SIZES, has_imagenet_weights, read_backbone_state  # noqa: E402
 from synthetic_data import SCENE_CLASSES, make_dataset  # noqa: E402
 
 logger = logging.getLogger("transfer_study")
 
-ARMS = ("scratch", "three_stage", "naive", "heads_only", "lite0_imagenet", "lite0_imagenet_coco")
-PRETRAINED_ARMS = ("three_stage", "naive", "heads_only")  # start from --pretrained
-THREE_STAGE_ARMS = ("three_stage", "lite0_imagenet", "lite0_imagenet_coco")
+ARMS = ("scratch", "three_stage", "three_stage_seed", "naive", "heads_only", "lite0_imagenet", "lite0_imagenet_coco")
+PRETRAINED_ARMS = ("three_stage", "three_stage_seed", "naive", "heads_only")  # start from --pretrained or --starts
+THREE_STAGE_ARMS = ("three_stage", "three_stage_seed", "lite0_imagenet", "lite0_imagenet_coco")
+SEED_DEFAULTS = os.path.join(ROOT, "benchmarks", "configs", "seed_finetuning.json")  # the three_stage_seed recipe
 SIZES = tuple(size for size in MODEL_SIZES if not has_imagenet_weights(size))  # lite0 has arms of its own
 DATA_KEYS = ("train_root", "train_ann", "val_root", "val_ann")
 # finetune_single_class keys that the study sets for every arm; a --config file may not set them
@@ -73,12 +75,15 @@ def get_args_parser():
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
     parser.add_argument("--epochs", type=int, default=12, help="total fine-tuning epochs, the same for every arm")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
-    parser.add_argument("--model-size", choices=SIZES,
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
                         help="size of scratch and the pretrained arms (default: --pretrained's, else nano)")
     parser.add_argument("--pretrained", help="multi-class pretraining checkpoint of that size (checkpoints/best.pth; "
                                              "default: pretrain one here on the synthetic scenes)")
     parser.add_argument("--pretrained-lite0", help="lite0 pretraining checkpoint (best.pth or best_backbone.pth) "
                                                    "for lite0_imagenet_coco (default: pretrain one here)")
+    parser.add_argument("--starts", nargs="+", metavar="NAME=SPEC", default=[],
+                        help="run every pretrained arm once per start, as ARM@NAME; SPEC is 'imagenet' (lite0's "
+                             "ImageNet backbone) or a checkpoint / backbone file; scratch takes their model size")
     parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the study's own pretraining")
     parser.add_argument("--pretrain-num-train", type=int, default=600, help="synthetic scenes it trains on")
     parser.add_argument("--pretrain-num-val", type=int, default=100, help="synthetic scenes it is scored on")
@@ -219,13 +224,13 @@ def gain_claim(summary, others, metric):
     return f"  - in final {metric}: holds for {_join(holds)}; does not hold for {_join(fails)}."
 
 
-def recipe_claim(summary, rival):
-    """Whether three_stage ends above `rival` in final mAP50 (mean over seeds), and in how many seeds."""
-    ours, theirs = summary["three_stage"], summary[rival]
+def recipe_claim(summary, rival, arm="three_stage"):
+    """Whether `arm` (three_stage) ends above `rival` in final mAP50 (mean over seeds), and in how many seeds."""
+    ours, theirs = summary[arm], summary[rival]
     wins = sum(ours["per_seed"][seed]["final_mAP50"] > theirs["per_seed"][seed]["final_mAP50"]
                for seed in ours["per_seed"])
     verdict = "beats" if ours["final_mAP50"]["mean"] > theirs["final_mAP50"]["mean"] else "does not beat"
-    return (f"  - three_stage {verdict} {rival}: final mAP50 {ours['final_mAP50']['mean']:.3f} vs "
+    return (f"  - {arm} {verdict} {rival}: final mAP50 {ours['final_mAP50']['mean']:.3f} vs "
             f"{theirs['final_mAP50']['mean']:.3f} (ahead in {wins}/{ours['seeds']} seeds), best mAP50 "
             f"{ours['best_mAP50']['mean']:.3f} vs {theirs['best_mAP50']['mean']:.3f}.")
 
@@ -243,10 +248,13 @@ def claim_lines(summary):
             lines.append("- In some seed scratch never scored above 0 mAP50, so its speed-ups are undefined there.")
     else:
         lines.append("- Speed-up and gain are measured against scratch: run it with the other arms to check them.")
-    rivals = [arm for arm in ("naive", "heads_only") if arm in summary]
-    if "three_stage" in summary and rivals:
-        lines.append("- **The three-stage recipe** against one stage:")
-        lines += [recipe_claim(summary, rival) for rival in rivals]
+    recipe_lines = []
+    for arm in (arm for arm in summary if recipe_of(arm) == "three_stage"):
+        rivals = [with_start(rival, start_of(arm)) for rival in ("three_stage_seed", "naive", "heads_only")]
+        recipe_lines += [recipe_claim(summary, rival, arm) for rival in rivals if rival in summary]
+    if recipe_lines:
+        lines += ["- **The three-stage recipe** (the defaults of config_transfer_learning.json) against the seed's "
+                  "defaults and one stage:"] + recipe_lines
     seeds = next(iter(summary.values()))["seeds"]
     lines += ["", f"These verdicts are for this data set, model size and schedule, over {seeds} seed(s); they say "
               "nothing of other data."]
@@ -298,23 +306,40 @@ def load_schedule_config(path):
     return finetune, rates, overrides
 
 
-def split_epochs(total_epochs, proportions):
-    """Stage epochs in the recipe's proportions (10:10:20 by default: E/4, E/4, the rest): the earlier stages
-    round down to at least 1 epoch each, the last stage of the recipe takes what is left."""
-    used = [index for index, weight in enumerate(proportions) if weight > 0]
-    if not used:
-        raise engine.ConfigError("the recipe has no stage with epochs (stage1_epochs..stage3_epochs all 0)")
-    epochs = [max(1, int(total_epochs * weight / sum(proportions))) if weight > 0 else 0 for weight in proportions]
-    epochs[used[-1]] = 0
-    epochs[used[-1]] = total_epochs - sum(epochs)
-    if epochs[used[-1]] < 1:
-        raise engine.ConfigError(f"--epochs {total_epochs} is too few for the {len(used)}-stage recipe "
-                                 f"(proportions {list(proportions)}); use more epochs")
-    return tuple(epochs)
+def recipe_of(arm):
+    """'three_stage@imagenet' -> 'three_stage': the recipe part of an arm."""
+    return arm.split("@", 1)[0]
+
+
+def start_of(arm):
+    """'three_stage@imagenet' -> 'imagenet'; None for an arm without a --starts name."""
+    return arm.split("@", 1)[1] if "@" in arm else None
+
+
+def with_start(recipe, start):
+    return f"{recipe}@{start}" if start else recipe
+
+
+def expand_arms(arms, starts):
+    """With --starts, every pretrained recipe runs once per start ('naive@imagenet', 'naive@coco', ...)."""
+    if not starts:
+        return list(arms)
+    return [with_start(arm, start) for arm in arms for start in (starts if arm in PRETRAINED_ARMS else [None])]
+
+
+def seed_schedule(finetune):
+    """`finetune` with the seed's defaults (SEED_DEFAULTS) over it: the three_stage_seed recipe."""
+    values = engine.config_sections(engine.load_json(SEED_DEFAULTS, "seed defaults"), "finetuning")
+    return {**finetune, **values}
 
 
 def arm_schedule(arm, total_epochs, finetune, pretrain_rates):
     """One arm's stage epochs and learning rates, as flat finetune_single_class config keys."""
+    arm = recipe_of(arm)
+    seed_values = {}
+    if arm == "three_stage_seed":
+        finetune = seed_schedule(finetune)
+        seed_values = {key: finetune[key] for key in engine.load_json(SEED_DEFAULTS) if not key.startswith("_")}
     rates = {key: value for key, value in finetune.items() if key.startswith("stage") and key.endswith("_lr")}
     if arm in THREE_STAGE_ARMS:
         epochs = split_epochs(total_epochs, [finetune[f"stage{i}_epochs"] for i in (1, 2, 3)])
@@ -325,13 +350,24 @@ def arm_schedule(arm, total_epochs, finetune, pretrain_rates):
     if arm == "scratch":
         rates.update(stage3_backbone_lr=pretrain_rates["backbone_lr"], stage3_fpn_lr=pretrain_rates["fpn_lr"],
                      stage3_head_lr=pretrain_rates["head_lr"])
-    return {**{f"stage{i}_epochs": e for i, e in enumerate(epochs, start=1)}, **rates}
+    return {**seed_values, **{f"stage{i}_epochs": e for i, e in enumerate(epochs, start=1)}, **rates}
 
 
-def arm_init_flags(arm, model_size, pretrained, pretrained_lite0):
+def start_flags(spec):
+    """finetune_single_class flags of a --starts entry: 'imagenet' (lite0's ImageNet backbone) or a file."""
+    if spec == "imagenet":
+        return ["--model-size", "lite0"]
+    return ["--model-size", checkpoint_model_size(spec), "--pretrained-backbone", spec]
+
+
+def arm_init_flags(arm, weights):
     """How an arm's weights start, as finetune_single_class flags."""
+    model_size, pretrained, pretrained_lite0 = weights["model_size"], weights["pretrained"], weights["pretrained_lite0"]
+    if start_of(arm):
+        return start_flags(weights["starts"][start_of(arm)])
     if arm == "scratch":
-        return ["--model-size", model_size, "--no-pretrained"]
+        return ["--model-size", model_size, "--no-pretrained"] + (["--no-imagenet"] if has_imagenet_weights(model_size)
+                                                                  else [])
     if arm == "lite0_imagenet":  # no weights file: lite0 starts from the package's ImageNet weights
         return ["--model-size", "lite0"]
     if arm == "lite0_imagenet_coco":
@@ -350,7 +386,7 @@ def arm_argv(arm, seed, args, data, weights, folder):
     """finetune_single_class's argv for one arm and seed; its --config is folder/RUN_CONFIG."""
     data_flags = [flag for key in DATA_KEYS for flag in (f"--{key.replace('_', '-')}", data[key])]
     data_flags += ["--class-name", data["class_name"]] if data["class_name"] else []
-    init = arm_init_flags(arm, weights["model_size"], weights["pretrained"], weights["pretrained_lite0"])
+    init = arm_init_flags(arm, weights)
     return (data_flags + init + ["--config", os.path.join(folder, RUN_CONFIG), "--output-dir", folder,
                                  "--seed", str(seed), "--img-size", str(args.img_size),
                                  "--batch-size", str(args.batch_size)] + runtime_flags(args))
@@ -362,8 +398,31 @@ def checkpoint_model_size(path):
     return (model_config or {}).get("model_size")
 
 
+def parse_starts(args):
+    """--starts NAME=SPEC ... -> {name: spec}, each checked; all of one model size."""
+    starts = {}
+    for entry in args.starts:
+        name, _, spec = entry.partition("=")
+        if not name or not spec or "@" in name or name in starts:
+            raise engine.ConfigError(f"--starts takes distinct NAME=SPEC entries (SPEC: imagenet or a file), got "
+                                     f"{entry!r}")
+        if spec != "imagenet" and not os.path.isfile(spec):
+            raise engine.ConfigError(f"--starts {name}: {spec} is neither 'imagenet' nor a file")
+        starts[name] = spec
+    sizes = {"lite0" if spec == "imagenet" else checkpoint_model_size(spec) for spec in starts.values()}
+    if len(sizes) > 1:
+        raise engine.ConfigError(f"--starts mixes model sizes ({', '.join(sorted(map(str, sizes)))}); one size per "
+                                 f"study, so that scratch compares with every start")
+    return starts, next(iter(sizes), None)
+
+
 def resolve_model_size(args):
-    """The size of scratch and the pretrained arms: --model-size, else --pretrained's, else nano."""
+    """The size of scratch and the pretrained arms: --model-size, else --starts', else --pretrained's, else nano."""
+    if args.starts:
+        size = parse_starts(args)[1]
+        if args.model_size and args.model_size != size:
+            raise engine.ConfigError(f"--starts are {size} weights but --model-size is {args.model_size!r}")
+        return size
     source = checkpoint_model_size(args.pretrained) if args.pretrained else None
     if args.model_size and source and source != args.model_size:
         raise engine.ConfigError(f"--pretrained {args.pretrained} holds a {source!r} model but --model-size is "
@@ -440,8 +499,8 @@ def study_weights(args, runs_dir):
     """Model size and the checkpoints the pretrained arms start from (given, or pretrained here)."""
     size = resolve_model_size(args)
     weights = {"model_size": size, "pretrained": args.pretrained, "pretrained_lite0": args.pretrained_lite0,
-               "pretrained_here": []}
-    if not args.pretrained and set(args.arms) & set(PRETRAINED_ARMS):
+               "pretrained_here": [], "starts": parse_starts(args)[0]}
+    if not args.pretrained and not args.starts and set(args.arms) & set(PRETRAINED_ARMS):
         weights["pretrained"] = pretrain_here(size, args, runs_dir)
         weights["pretrained_here"].append(size)
     if not args.pretrained_lite0 and "lite0_imagenet_coco" in args.arms:
@@ -569,6 +628,8 @@ def settings_lines(argv, args, data, weights, schedules, elapsed):
              f"{elapsed / 60:.1f} min (finished runs are reused; each run's own time is the table's last column)"]
     if weights["pretrained"]:
         lines.append(f"- three_stage, naive and heads_only start from `{weights['pretrained']}`")
+    for name, spec in weights["starts"].items():
+        lines.append(f"- ARM@{name} starts from {'the ImageNet weights of lite0' if spec == 'imagenet' else spec}")
     if weights["pretrained_lite0"]:
         lines.append(f"- lite0_imagenet_coco starts from `{weights['pretrained_lite0']}`")
     if weights["pretrained_here"]:
@@ -622,23 +683,26 @@ def main(argv=None):
     started = time.perf_counter()
     check_args(args)
     finetune, pretrain_rates, overrides = load_schedule_config(args.config)
-    schedules = {arm: {**overrides, **arm_schedule(arm, args.epochs, finetune, pretrain_rates)} for arm in args.arms}
+    recipes = {arm: {**overrides, **arm_schedule(arm, args.epochs, finetune, pretrain_rates)} for arm in args.arms}
     data = study_data(args)
     runs_dir = os.path.join(args.out, "runs")
     weights = study_weights(args, runs_dir)
+    arms = expand_arms(args.arms, weights["starts"])
+    schedules = {arm: recipes[recipe_of(arm)] for arm in arms}
     curves, run_dirs = {}, {}
     try:
         for seed in args.seeds:  # seed by seed, so an interrupted study already has whole comparisons
-            for arm in args.arms:
+            for arm in arms:
                 curves[(arm, seed)], run_dirs[(arm, seed)] = run_arm(arm, seed, args, data, weights,
                                                                      schedules[arm], runs_dir)
     except KeyboardInterrupt as error:
         raise KeyboardInterrupt(f"{error}\nthe study: run the same command again; finished runs are reused") from error
-    summary = summarise(curves, args.arms, args.seeds)
+    summary = summarise(curves, arms, args.seeds)
     outputs = {name: os.path.join(args.out, name) for name in ("curves.csv", "transfer_study.png", "transfer_study.md")}
     write_curves_csv(curves, outputs["curves.csv"])
-    three_stage = [schedules[arm] for arm in args.arms if arm in THREE_STAGE_ARMS]
-    plot_curves(curves, args.arms, args.seeds, stage_boundaries(three_stage[0]) if three_stage else [],
+    three_stage = [schedules[arm] for arm in sorted(arms, key=lambda arm: recipe_of(arm) != "three_stage")
+                   if recipe_of(arm) in THREE_STAGE_ARMS]  # the default recipe's boundaries first
+    plot_curves(curves, arms, args.seeds, stage_boundaries(three_stage[0]) if three_stage else [],
                 outputs["transfer_study.png"])
     write_report(outputs["transfer_study.md"], argv, args, data, weights, schedules, summary,
                  time.perf_counter() - started)

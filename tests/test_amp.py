@@ -63,3 +63,28 @@ def test_lr_scale_factor_follows_the_global_batch():
     assert engine.lr_scale_factor("linear", 32, 2, reference_batch_size=256) == 0.25
     with pytest.raises(engine.ConfigError, match="lr_scaling"):
         engine.check_lr_scaling({"lr_scaling": "cubic", "lr_reference_batch_size": None})
+
+
+def test_a_step_the_grad_scaler_skips_advances_neither_the_schedule_nor_the_ema(shapes_dataset):
+    """float16 gradients that overflow make GradScaler skip the optimizer step; nothing was learned, so the
+    learning-rate schedule and the EMA must not move either (a CPU GradScaler stands in for CUDA's)."""
+    engine.seed_everything(0)
+    dataset = CocoDetectionDataset(shapes_dataset["ann_path"], shapes_dataset["image_dir"],
+                                   transforms=build_transforms("letterbox", 64))
+    batch = next(iter(build_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)))
+    model = create_lightweight_model(len(dataset.class_names), "nano", img_size=64)
+    optimizer = torch.optim.AdamW(model.get_param_groups(1e-3, 1e-3, 1e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 / (1 + it))
+    ema = engine.build_ema(model)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # scaled gradients overflow float32: inf
+    metrics = engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", scaler=scaler, ema=ema,
+                                     scheduler=scheduler, progress=False)
+    assert metrics["scaler_skips"] == 1 and scaler.get_scale() < 2.0 ** 127
+    assert scheduler.last_epoch == 0 and int(ema.n_averaged) == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # a normal step moves all three
+    metrics = engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", scaler=scaler, ema=ema,
+                                     scheduler=scheduler, progress=False)
+    assert metrics["scaler_skips"] == 0 and scheduler.last_epoch == 1 and int(ema.n_averaged) == 1

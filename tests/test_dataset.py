@@ -395,3 +395,23 @@ def test_synthetic_boxes_are_tight_around_their_shape(tmp_path):
         outside = np.ones_like(distance, dtype=bool)
         outside[max(0, y - 1):y + h + 1, max(0, x - 1):x + w + 1] = False
         assert distance[outside].min() > 40  # and nothing of it beyond one pixel outside the box
+
+
+def test_a_truncated_jpeg_is_decoded_with_a_warning(tmp_path, caplog):
+    """A JPEG whose last bytes are missing (an interrupted copy) still holds nearly all of its picture: it is
+    decoded, not skipped, so its boxes are neither lost to training nor counted as misses in evaluation."""
+    pixels = np.zeros((60, 80, 3), np.uint8)
+    pixels[10:50, 20:60] = (200, 40, 40)
+    Image.fromarray(pixels).save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:-20])
+    with pytest.raises(OSError):  # Pillow alone refuses it
+        with Image.open(tmp_path / "cut.jpg") as img:
+            img.load()
+    with caplog.at_level(logging.WARNING):
+        image = load_image(tmp_path / "cut.jpg")
+    assert image.shape == (3, 60, 80) and "truncated JPEG" in caplog.text
+    assert (image[:, 30, 40].int() - torch.tensor([200, 40, 40])).abs().max() < 30
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + data[8:100])  # not a JPEG: still an error
+    with pytest.raises(OSError):
+        load_image(tmp_path / "cut.png")

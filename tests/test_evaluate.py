@@ -348,3 +348,20 @@ def test_repeated_annotation_ids_are_all_scored(caplog):
     assert metrics["mAP"] == pytest.approx(1.0)
     assert metrics["recall"] == pytest.approx(1.0)
     assert "not unique" in caplog.text
+
+
+def test_a_coco_file_without_iscrowd_or_area_is_scored(tmp_path):
+    """Both keys are optional in the files the dataset accepts; COCOeval reads both, so load_coco_json fills
+    COCO's defaults (iscrowd 0, area = box width x height) and a perfect prediction scores 1."""
+    import json
+    from dataset_coco import load_coco_json
+    data = _coco_dict()
+    for ann in data["annotations"]:
+        del ann["iscrowd"], ann["area"]
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps(data))
+    coco = load_coco_json(path)
+    assert all(ann["iscrowd"] == 0 and ann["area"] == ann["bbox"][2] * ann["bbox"][3] for ann in coco.anns.values())
+    perfect = [_det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in data["annotations"]]
+    metrics = evaluate.coco_metrics(coco, perfect, IMAGE_IDS, CATEGORY_IDS, CLASS_NAMES)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["recall"] == 1.0

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,6 +35,7 @@ def data(tmp_path_factory):
                                 "--batch-size", "4", "--model-size", "nano", "--img-size", "64", "--workers", "0",
                                 "--device", "cpu", "--output-dir", str(root / "pretrain"), "--no-progress"])
     backbone = pretrained["last_backbone"]  # written by the pretraining code
+    shutil.copy(pretrained["last_checkpoint"], root / "pretrain_full.pth")
     flat = dict(FLAT_CONFIG, pretrained_backbone_path=str(backbone))
     (root / "flat.json").write_text(json.dumps(flat))
     return root
@@ -76,7 +78,8 @@ def test_cli_end_to_end_outputs_and_readme_snippet(data, tmp_path):
     torch.load(run_dir / "last_model.pth", weights_only=True)
 
 
-def test_stage_transitions_freeze_bn_and_set_learning_rates(data, tmp_path, monkeypatch):
+def spy_on_stages(monkeypatch):
+    """Record, per epoch, which groups train, whether their BatchNorms are in train mode, and the rates."""
     seen = {}
     real = engine.train_one_epoch
 
@@ -91,7 +94,14 @@ def test_stage_transitions_freeze_bn_and_set_learning_rates(data, tmp_path, monk
         return real(model, criterion, optimizer, loader, device, epoch, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", spy)
-    finetune.main(base_args(data, tmp_path) + ["--seed", "1"])
+    return seen
+
+
+def test_stages_release_a_full_detector_group_by_group(data, tmp_path, monkeypatch):
+    """A full pretrained detector: heads, then + FPN, then everything, each pretrained group at its own rate."""
+    seen = spy_on_stages(monkeypatch)
+    summary = finetune.main(base_args(data, tmp_path) + ["--seed", "1", "--pretrained-backbone",
+                                                         str(data / "pretrain_full.pth")])
     assert seen[1]["grad"] == {"backbone": False, "fpn": False, "head": True}
     assert seen[1]["bn_train"] == {"backbone": False, "fpn": False, "head": True}
     assert seen[1]["lrs"] == {"head": 2e-3, "head_no_decay": 2e-3}
@@ -101,6 +111,23 @@ def test_stage_transitions_freeze_bn_and_set_learning_rates(data, tmp_path, monk
     assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
     assert seen[3]["bn_train"] == {"backbone": True, "fpn": True, "head": True}
     assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 1e-4 and seen[3]["lrs"]["head"] == 2e-4
+    config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
+    assert config["init"]["pretrained"] == ["backbone", "fpn", "head"] and config["init"]["new"] == []
+
+
+def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monkeypatch):
+    """Only the backbone is pretrained: the random FPN trains with the head from stage 1 (BatchNorm in train
+    mode, at the head's rate), never frozen with its initial statistics."""
+    seen = spy_on_stages(monkeypatch)
+    summary = finetune.main(base_args(data, tmp_path) + ["--seed", "1"])
+    assert seen[1]["grad"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[1]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[1]["lrs"] == {"fpn": 2e-3, "fpn_no_decay": 2e-3, "head": 2e-3, "head_no_decay": 2e-3}
+    assert seen[2]["lrs"]["fpn"] == 1e-3 and seen[2]["grad"]["backbone"] is False
+    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
+    assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 2e-4
+    config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
+    assert config["init"]["pretrained"] == ["backbone"] and config["init"]["new"] == ["fpn", "head"]
 
 
 def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):
@@ -178,3 +205,35 @@ def test_unknown_config_key_names_the_nearest(data, tmp_path):
     args[1] = str(tmp_path / "typo.json")
     with pytest.raises(engine.ConfigError, match="did you mean 'stage1_head_lr'"):
         finetune.main(args)
+
+
+def test_without_a_defined_map_there_is_no_best_model_and_the_summary_says_null(data, tmp_path):
+    val = json.loads((data / "val" / "annotations.json").read_text())
+    val["annotations"] = []  # nothing to score: mAP is undefined at every epoch
+    (tmp_path / "empty_val.json").write_text(json.dumps(val))
+    args = base_args(data, tmp_path / "runs")
+    args[args.index("--val-ann") + 1] = str(tmp_path / "empty_val.json")
+    summary = finetune.main(args + ["--epochs", "3"])
+    assert summary["best_model"] is None and not os.path.exists(os.path.join(summary["run_dir"], "best_model.pth"))
+    written = json.loads(open(os.path.join(summary["run_dir"], "summary.json")).read())
+    assert written["best_model"] is None and os.path.isfile(written["last_model"])
+
+
+def test_epochs_share_the_stages_in_the_config_proportions(data, tmp_path):
+    config = finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "8"])  # FLAT_CONFIG is 1:1:2
+    assert [config[f"stage{i}_epochs"] for i in (1, 2, 3)] == [2, 2, 4]
+    assert finetune.split_epochs(20, (10, 10, 20)) == (5, 5, 10)
+    assert finetune.split_epochs(10, (0, 10, 20)) == (0, 3, 7)
+    with pytest.raises(engine.ConfigError, match="--epochs 2 is too few"):
+        finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "2"])
+
+
+def test_the_best_model_carries_its_calibrated_threshold(data, tmp_path):
+    summary = finetune.main(base_args(data, tmp_path) + ["--epochs", "3"])
+    checkpoint = torch.load(summary["best_model"], weights_only=True)
+    metrics = summary["best_metrics"]
+    expected = metrics["best_f1_threshold"] if metrics["best_f1"] > 0 else 0.25
+    assert checkpoint["conf_threshold"] == summary["conf_threshold"] == expected
+    with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert {"precision", "recall", "f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall"} <= set(row)

@@ -1,4 +1,6 @@
 """losses.py: focal loss equivalence, ATSS assignment, and the DetectionLoss contract."""
+import os
+
 import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
@@ -95,3 +97,78 @@ def test_perfect_boxes_have_near_zero_box_loss():
                "strides": strides, "level_sizes": level_sizes}
     targets = [{"boxes_xyxy": gt[None], "labels": torch.tensor([0])}]
     assert DetectionLoss()(outputs, targets)["loss_box"] < 1e-4
+
+
+def test_a_small_box_nested_in_a_larger_one_keeps_a_positive():
+    """Its centre points overlap the large box more, which would win them all on IoU; the small box keeps its
+    best candidate, since the large box has others."""
+    sizes = [(40, 40), (20, 20), (10, 10)]
+    points, strides = grid_points(sizes, (8, 16, 32), "cpu")
+    boxes = torch.tensor([[[100.0, 100, 164, 164], [130, 130, 134, 134]]])
+    assigned, foreground = ATSSAssigner()(points, strides, [h * w for h, w in sizes], boxes,
+                                          torch.ones(1, 2, dtype=torch.bool))
+    per_box = [int((foreground & (assigned == m)).sum()) for m in range(2)]
+    assert per_box[1] >= 1 and per_box[0] >= 1, per_box
+
+
+def test_a_point_that_is_another_box_only_positive_is_not_taken():
+    """Two identical tiny boxes compete for one best point: one keeps it, the other cannot take it away."""
+    sizes = [(40, 40), (20, 20), (10, 10)]
+    points, strides = grid_points(sizes, (8, 16, 32), "cpu")
+    boxes = torch.tensor([[[130.0, 130, 134, 134], [130, 130, 134, 134]]])
+    assigned, foreground = ATSSAssigner()(points, strides, [h * w for h, w in sizes], boxes,
+                                          torch.ones(1, 2, dtype=torch.bool))
+    per_box = sorted(int((foreground & (assigned == m)).sum()) for m in range(2))
+    assert per_box == [0, 1]
+
+
+def _ddp_probe():
+    """A nano (BatchNorm in eval mode, so that a process's batch does not change another's statistics), 4 images
+    whose boxes are spread unevenly (5 on the first two, 1 on the last two)."""
+    torch.manual_seed(0)
+    model = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False).eval()
+    images = torch.rand(4, 3, 64, 64)
+    boxes = [[[4, 4, 30, 30], [30, 30, 60, 60], [10, 40, 30, 62]], [[0, 0, 40, 20], [20, 20, 50, 50]],
+             [[8, 8, 56, 56]], []]
+    targets = [{"boxes_xyxy": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.zeros(len(b), dtype=torch.int64)} for b in boxes]
+    return model, images, targets
+
+
+def _ddp_worker(out_path):
+    """Run under torchrun --nproc_per_node=2: each process takes half of the probe batch; rank 0 saves the
+    gradients DDP averaged."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, images, targets = _ddp_probe()
+    wrapped = DistributedDataParallel(model)
+    DetectionLoss()(wrapped(images[2 * rank:2 * rank + 2]), targets[2 * rank:2 * rank + 2])["loss"].backward()
+    if rank == 0:
+        torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_compute_the_gradient_of_one_process_on_the_global_batch(tmp_path):
+    import subprocess
+    import sys
+    from test_distributed import free_port
+    out = tmp_path / "ddp_grads.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), __file__, str(out)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo})
+    assert result.returncode == 0, result.stderr[-2000:]
+    ddp = torch.load(out, weights_only=True)
+    model, images, targets = _ddp_probe()
+    DetectionLoss()(model(images), targets)["loss"].backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(ddp[name], param.grad, rtol=1e-4, atol=1e-6), name
+
+
+if __name__ == "__main__":
+    import sys
+    _ddp_worker(sys.argv[1])

@@ -196,3 +196,24 @@ def test_unknown_size_and_bad_img_size_are_clear_errors():
         create_lightweight_model(1, "huge")
     with pytest.raises(ValueError, match="multiple of 32"):
         create_lightweight_model(1, "nano", img_size=100)
+
+
+def test_predict_defaults_to_the_checkpoint_threshold(tmp_path):
+    """A fine-tuned checkpoint stores its calibrated threshold: load_model reads it and predict() keeps what
+    scores at or above it unless told otherwise; a checkpoint without one defaults to 0.25."""
+    from model_lightweight import load_model, model_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False)
+    image = torch.rand(3, 64, 64)
+    scores = model.eval().predict(image, conf_threshold=0.0)[0]["scores"]
+    threshold = float(scores.median())  # half of the detections score at or above it
+    save_checkpoint(model_checkpoint(model, ["x"], conf_threshold=threshold), tmp_path / "calibrated.pth")
+    loaded = load_model(tmp_path / "calibrated.pth")
+    assert loaded.conf_threshold == threshold
+    kept = loaded.predict(image)[0]["scores"]
+    assert len(kept) == int((scores >= threshold).sum()) and (kept >= threshold).all()
+    assert len(loaded.predict(image, conf_threshold=0.0)[0]["scores"]) == len(scores)
+    plain = model_checkpoint(model, ["x"])
+    del plain["conf_threshold"]
+    save_checkpoint(plain, tmp_path / "plain.pth")
+    assert load_model(tmp_path / "plain.pth").conf_threshold == 0.25

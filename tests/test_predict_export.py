@@ -226,3 +226,33 @@ def test_export_with_nms_matches_model_postprocess(setup, tmp_path):
         np.testing.assert_array_equal(rows[:, 6], want["labels"].numpy()[order])
         np.testing.assert_allclose(rows[:, 1:5], want["boxes"].numpy()[order], atol=1e-4)
         np.testing.assert_allclose(rows[:, 5], want["scores"].numpy()[order], atol=1e-5)
+
+
+def test_predict_ann_matches_each_image_by_its_own_path(setup, tmp_path):
+    """a/0001.png and b/0001.png in one file: --source DIR/a scores 0001.png as a/0001.png; with 0001.png and
+    sub/0001.png, DIR/0001.png is 0001.png; a base name that fits two entries and no path is an error."""
+    images = {name: load_image(os.path.join(setup["image_dir"], name)) for name in sorted(os.listdir(setup["image_dir"]))}
+    first = next(iter(images.values()))
+    for folder in ("a", "b", "sub"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for relative in ("a/0001.png", "b/0001.png", "0001.png", "sub/0001.png"):
+        Image.fromarray(first.permute(1, 2, 0).numpy()).save(tmp_path / "data" / relative)
+    entries = [(1, "a/0001.png"), (2, "b/0001.png"), (3, "0001.png"), (4, "sub/0001.png")]
+    ann = {"images": [{"id": i, "file_name": name, "width": 96, "height": 96} for i, name in entries],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30]}],
+           "categories": [{"id": 1, "name": "square"}, {"id": 3, "name": "circle"}]}  # no iscrowd, no area
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    _, _, ids = predict.coco_ids(str(tmp_path / "ann.json"), [str(tmp_path / "data" / "a" / "0001.png")], CLASS_NAMES)
+    assert ids == [1]
+    _, _, ids = predict.coco_ids(str(tmp_path / "ann.json"), [str(tmp_path / "data" / "0001.png"),
+                                                              str(tmp_path / "data" / "sub" / "0001.png")], CLASS_NAMES)
+    assert ids == [3, 4]
+    (tmp_path / "other").mkdir()
+    Image.fromarray(first.permute(1, 2, 0).numpy()).save(tmp_path / "other" / "0001.png")
+    ann["images"] = [image for image in ann["images"] if image["id"] in (1, 2)]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    with pytest.raises(predict.PredictError, match=r"matches several images .* \(a/0001.png, b/0001.png\)"):
+        predict.coco_ids(str(tmp_path / "ann.json"), [str(tmp_path / "other" / "0001.png")], CLASS_NAMES)
+    summary = predict.main(predict_args(setup, tmp_path / "data" / "a", tmp_path / "out", "--ann",
+                                        str(tmp_path / "ann.json")))
+    assert summary["images"] == 1 and summary["metrics"]["recall"] >= 0.0  # scored without KeyError

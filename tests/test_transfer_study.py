@@ -98,7 +98,7 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
     for path in data.values():
         Path(path).touch()
     weights = {"model_size": "nano", "pretrained": str(tmp_path / "nano.pth"),
-               "pretrained_lite0": str(tmp_path / "lite0.pth")}
+               "pretrained_lite0": str(tmp_path / "lite0.pth"), "starts": {}}
     Path(weights["pretrained"]).touch()
     Path(weights["pretrained_lite0"]).touch()
     args = study.get_args_parser().parse_args(["--epochs", "8", "--img-size", "64", "--workers", "0", "--no-progress"])
@@ -113,13 +113,16 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
         assert configs[arm]["seed"] == 3 and configs[arm]["img_size"] == 64 and configs[arm]["workers"] == 0
         assert configs[arm]["output_dir"] == str(folder) and not configs[arm]["progress"]
     stages = {arm: tuple(config[f"stage{i}_epochs"] for i in (1, 2, 3)) for arm, config in configs.items()}
-    assert stages == {"scratch": (0, 0, 8), "three_stage": (2, 2, 4), "naive": (0, 0, 8), "heads_only": (8, 0, 0),
-                      "lite0_imagenet": (2, 2, 4), "lite0_imagenet_coco": (2, 2, 4)}
+    assert stages == {"scratch": (0, 0, 8), "three_stage": (2, 2, 4), "three_stage_seed": (2, 2, 4), "naive": (0, 0, 8),
+                      "heads_only": (8, 0, 0), "lite0_imagenet": (2, 2, 4), "lite0_imagenet_coco": (2, 2, 4)}
     pretraining, finetuning = DEFAULT_CONFIG["pretraining"], DEFAULT_CONFIG["finetuning"]
     scratch, naive = configs["scratch"], configs["naive"]
     assert (scratch["stage3_backbone_lr"], scratch["stage3_fpn_lr"], scratch["stage3_head_lr"]) == \
            (pretraining["backbone_lr"], pretraining["fpn_lr"], pretraining["head_lr"])
-    assert naive["stage3_backbone_lr"] == finetuning["stage3_backbone_lr"] == 1e-5
+    assert naive["stage3_backbone_lr"] == finetuning["stage3_backbone_lr"]
+    seed_defaults = engine.load_json(study.SEED_DEFAULTS)
+    for key in ("stage1_head_lr", "stage2_fpn_lr", "stage3_backbone_lr", "ema_ramp_iters", "stage3_train_bn"):
+        assert configs["three_stage_seed"][key] == seed_defaults[key], key
     assert scratch["no_pretrained"] and not scratch["pretrained_backbone"] and scratch["model_size"] == "nano"
     for arm in study.PRETRAINED_ARMS:
         assert configs[arm]["pretrained_backbone"] == weights["pretrained"] and configs[arm]["model_size"] == "nano"
@@ -192,3 +195,27 @@ def test_micro_study_end_to_end_then_reuses_every_run(study, tmp_path):
     again = study.main(argv)  # everything is reused: no new run folder, the same curves
     assert sorted(path for path in out.rglob("*") if path.is_dir()) == folders
     assert again["run_dirs"] == result["run_dirs"] and again["curves"] == result["curves"]
+
+
+def test_starts_run_every_pretrained_recipe_once_per_start(study, tmp_path):
+    """--starts imagenet=imagenet coco=FILE: ARM@NAME arms, each from its own weights; scratch is one arm."""
+    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    coco = tmp_path / "lite0_coco.pth"
+    save_checkpoint(model_checkpoint(create_lightweight_model(3, "lite0", imagenet_pretrained=False), ["a", "b", "c"]),
+                    coco)
+    args = study.get_args_parser().parse_args(["--starts", "imagenet=imagenet", f"coco={coco}", "--arms", "scratch",
+                                               "naive", "three_stage", "--img-size", "64"])
+    starts, size = study.parse_starts(args)
+    assert starts == {"imagenet": "imagenet", "coco": str(coco)} and size == "lite0"
+    arms = study.expand_arms(args.arms, starts)
+    assert arms == ["scratch", "naive@imagenet", "naive@coco", "three_stage@imagenet", "three_stage@coco"]
+    weights = {"model_size": size, "pretrained": None, "pretrained_lite0": None, "starts": starts}
+    assert study.arm_init_flags("scratch", weights) == ["--model-size", "lite0", "--no-pretrained", "--no-imagenet"]
+    assert study.arm_init_flags("naive@imagenet", weights) == ["--model-size", "lite0"]
+    assert study.arm_init_flags("three_stage@coco", weights) == ["--model-size", "lite0", "--pretrained-backbone",
+                                                                 str(coco)]
+    finetune, rates, _ = study.load_schedule_config(None)
+    assert study.arm_schedule("naive@coco", 8, finetune, rates) == study.arm_schedule("naive", 8, finetune, rates)
+    bad = study.get_args_parser().parse_args(["--starts", "a=imagenet", f"b={tmp_path / 'missing.pth'}"])
+    with pytest.raises(engine.ConfigError, match="neither 'imagenet' nor a file"):
+        study.parse_starts(bad)
