@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -27,6 +26,8 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from config import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -484,8 +485,8 @@ def build_transforms(preset, img_size):
     to_float = v2.ToDtype(torch.float32, scale=True)  # images only; boxes keep their dtype
     if preset == "strong":
         # Photometric distortion after ScaleJitter, on about img_size^2 pixels instead of the full photo:
-        # per pixel it commutes with resizing, and on a 640 px image it cost ~120 ms (the hue shift), most of
-        # the loader's time (benchmarks/speed.py). Zoom-out's grey may be tinted too, as in YOLO's HSV step.
+        # per pixel it commutes with resizing, and on a full photo its hue shift was most of the loader's time
+        # (benchmarks/speed.py). Zoom-out's grey may be tinted too, as in YOLO's HSV step.
         steps = [v2.RandomZoomOut(fill=LETTERBOX_FILL, side_range=(1.0, 2.0), p=0.3),
                  v2.ScaleJitter(size, scale_range=(0.5, 1.5)), v2.RandomPhotometricDistort(p=0.5), crop,
                  v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
@@ -493,8 +494,7 @@ def build_transforms(preset, img_size):
         # ColorJitter rather than RandomPhotometricDistort: the latter also permutes channels, which
         # fine-tuning on a single class whose colour matters should not see.
         # As in strong, the jitter runs after ScaleJitter, on about img_size^2 pixels instead of the whole
-        # photo (its hue step dominated the loader): 89 images/s with 2 workers, 7x tiny's training speed
-        # (benchmarks/results/speed.md).
+        # photo (its hue step dominated the loader; benchmarks/results/speed.md).
         jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
         steps = [v2.ScaleJitter(size, scale_range=(0.75, 1.25)), v2.RandomApply([jitter], p=0.3), crop,
                  v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
@@ -649,11 +649,7 @@ def main(argv=None):
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, None, bad_input=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The whole toolkit in one command, on synthetic data: pretrain -> fine-tune -> compare with scratch.
 
-    python demo.py                      # under 9 minutes on 2 CPU cores; writes demo_results/
+    python demo.py                      # minutes on 2 CPU cores (README: "The demo"); writes demo_results/
     python demo.py --out my_demo --data datasets --workers 2
 
 1. writes two synthetic data sets under --data (reused when present): cluttered multi-class scenes in
    COCO's layout and single-class "whiteline" road scenes in the fine-tuning layout (make_synthetic_data.py);
 2. pretrains a detector on the multi-class scenes (pretrain_multi_class.py);
-3. fine-tunes it on whiteline with the three-stage recipe (finetune_single_class.py --pretrained-backbone);
-4. fine-tunes on whiteline from random init with the same schedule (--no-pretrained), the honest baseline;
+3. fine-tunes it on whiteline with the three-stage recipe (finetune_single_class.py --init CHECKPOINT);
+4. fine-tunes on whiteline from random init with the same schedule (--init random), the honest baseline;
 5. evaluates both best models on the whiteline val set and writes demo_results/: predictions.png,
    transfer_curve.png and summary.md.
 The training scripts run through their public interfaces (pretraining under torchrun and the scratch arm
@@ -30,7 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import engine
+import config as cfg
 import finetune_single_class
 import pretrain_multi_class
 from dataset_coco import CocoDetectionDataset, load_image, usable_cpus
@@ -41,14 +41,13 @@ from synthetic_data import SCENE_CLASSES, make_dataset
 logger = logging.getLogger("demo")
 
 
-class DemoStepFailed(RuntimeError):
-    """A training script run as a subprocess failed; the message says which and where its output is."""
+class DemoStepFailed(cfg.TrainingFailed):
+    """A training script run as a subprocess failed (exit status 1); the message says which and where its output is."""
 
 # The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
-# whole demo takes under 9 minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages. The
-# pretraining uses `moderate` augmentation and batch 8: in so few epochs `strong` (and batch 16) left the
-# detector too weak to transfer much (8 epochs: mAP 0.038, against 0.059 with moderate at batch 8 and 0.086
-# after 13 such epochs).
+# whole demo takes minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages. The pretraining uses
+# `moderate` augmentation and batch 8: in so few epochs `strong` (and batch 16) leaves the detector too weak to
+# transfer much.
 DEMO_CONFIG = {
     "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 224, "epochs": 13,
                     "batch_size": 8, "lr_reference_batch_size": 8, "augmentation": "moderate", "warmup_iters": 60,
@@ -106,8 +105,8 @@ def parallel_share(workers=None):
 def run_pretraining(argv, batch_size, workers=None):
     """pretrain_multi_class.py on all CPUs. On 2 or more: data parallel under torchrun, 2 processes that
     share the global ``batch_size`` (so the run learns as one process would), because one process with 2
-    threads is hardly faster than with 1 on a model this small (26 vs 33 images/s measured on 2 cores).
-    On one CPU it runs here, through main(argv). Returns what main() returns."""
+    threads is hardly faster than with 1 on a model this small. On one CPU it runs here, through main(argv).
+    Returns the best mAP, the run folder and the checkpoint paths, as main() does."""
     processes, cpus = min(2, usable_cpus()), usable_cpus()
     if processes < 2 or batch_size % processes:
         return pretrain_multi_class.main(argv)
@@ -125,12 +124,9 @@ def run_pretraining(argv, batch_size, workers=None):
     if result.returncode != 0 or len(new) != 1:
         raise DemoStepFailed(f"pretraining failed (exit code {result.returncode}; its output is above): "
                              f"{' '.join(command)}")
-    paths = pretrain_multi_class.output_paths(new[0])
-    with open(os.path.join(new[0], "metrics.csv")) as f:
-        best = next(reversed(list(csv.DictReader(f))))["best_mAP"]
-    if not best:
-        paths.update(best_checkpoint=None, best_backbone=None)
-    return {"best_mAP": float(best) if best else None, "run_dir": new[0], **paths}
+    summary = cfg.load_json(os.path.join(new[0], "summary.json"), "pretraining summary")
+    return {"best_mAP": summary.get("best_metrics", {}).get("mAP"), "run_dir": new[0],
+            **{key: summary[key] for key in ("best_checkpoint", "last_checkpoint", "best_backbone", "last_backbone")}}
 
 
 def total_epochs(config):
@@ -220,8 +216,9 @@ def plot_transfer_curve(curves, path):
     plt.close(fig)
 
 
-def draw_predictions(model, dataset, path, num_images=8, conf_threshold=0.4):
-    """A grid of val images: ground truth in green, the model's boxes (with scores) in red."""
+def draw_predictions(model, dataset, path, num_images=8, conf_threshold=None):
+    """A grid of val images: ground truth in green, the model's boxes (with scores) in red, at the model's
+    calibrated threshold unless `conf_threshold` says otherwise."""
     from torchvision.utils import draw_bounding_boxes, make_grid, save_image
     tiles = []
     for index in range(min(num_images, len(dataset))):
@@ -269,7 +266,7 @@ def main(argv=None):
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     print(f"demo: synthetic data -> pretraining -> fine-tuning (pretrained and scratch) -> {args.out}/\n"
-          f"      under 9 minutes on 2 CPU cores (measured: 8.4), longer on fewer; schedule in {config_path}", flush=True)
+          f"      minutes on 2 CPU cores, longer on fewer; schedule in {config_path}", flush=True)
 
     print("\n== 1/5 synthetic data sets", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(2, usable_cpus())) as pool:  # one per CPU
@@ -288,7 +285,7 @@ def main(argv=None):
     data_flags = ["--class-name", "whiteline", "--train-root", road["train_images"], "--train-ann", road["train_ann"],
                   "--val-root", road["val_images"], "--val-ann", road["val_ann"], "--config", config_path]
     # the full pretraining checkpoint: backbone, FPN and head initialise the fine-tuning (all but the class output)
-    pretrained_flags = ["--pretrained-backbone", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]]
+    pretrained_flags = ["--init", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]]
     threads, workers = parallel_share(args.workers)
     print(f"\n== 3/5 fine-tuning on whiteline, both arms side by side ({threads} torch thread(s) and {workers} "
           f"loader worker(s) each): scratch in a subprocess, pretrained here", flush=True)
@@ -296,7 +293,7 @@ def main(argv=None):
     scratch_dir = os.path.join(args.out, "finetune_scratch")
     scratch_log = os.path.join(args.out, "finetune_scratch.log")
     earlier_runs = run_dirs(scratch_dir)
-    scratch = start_script("finetune_single_class.py", data_flags + ["--no-pretrained", "--output-dir", scratch_dir,
+    scratch = start_script("finetune_single_class.py", data_flags + ["--init", "random", "--output-dir", scratch_dir,
                            "--workers", str(workers), "--no-progress"] + common_flags(args, workers=False),
                            threads, scratch_log)
     summaries = {}
@@ -339,12 +336,8 @@ def main(argv=None):
 
 
 def run(argv=None):
-    """Command-line entry: the training scripts' exit policy, and a failed step as one line, exit 1."""
-    try:
-        engine.run_script(main, argv)
-    except DemoStepFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    """Command-line entry: the training scripts' exit policy (a failed step is one line, exit 1)."""
+    cfg.run_cli(main, argv)
 
 
 if __name__ == "__main__":

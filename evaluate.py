@@ -28,6 +28,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from config import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 # COCO practice: keep almost every detection for mAP, which integrates over all score thresholds.
@@ -385,15 +387,6 @@ def _class_names(parser, args, model):
     return class_names
 
 
-def _write_json(path, detections):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(detections, f)
-    os.replace(tmp_path, path)
-    logger.info("wrote %d detections to %s", len(detections), path)
-
-
 def main(argv=None):
     """Score a checkpoint: load model and dataset, predict, print the table; returns the metrics."""
     parser = get_args_parser()
@@ -422,7 +415,8 @@ def main(argv=None):
                            dataset.class_names, args.conf)
     print(format_metrics(metrics))
     if args.save_json:
-        _write_json(args.save_json, detections)
+        write_json_atomic(detections, args.save_json, indent=None)
+        logger.info("wrote %d detections to %s", len(detections), args.save_json)
     return metrics
 
 

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -31,6 +30,7 @@ import torch
 import torchvision
 from torch import nn
 
+from config import run_cli, write_json_atomic
 from dataset_coco import load_image
 from model_lightweight import LETTERBOX_FILL, STRIDES, decode_boxes, fuse_batchnorm, letterbox, load_model
 
@@ -241,15 +241,6 @@ def sidecar(model, args, onnx_path, outputs):
     }
 
 
-def write_json(payload, path):
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp_path, path)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
@@ -329,7 +320,7 @@ def main(argv=None):
           f"BN-fused {latency['pytorch_fused']:.2f} ms, ONNX Runtime {latency['onnxruntime']:.2f} ms "
           f"(onnxruntime {onnxruntime.__version__})")
 
-    write_json(sidecar(model, args, onnx_path, outputs), sidecar_path)
+    write_json_atomic(sidecar(model, args, onnx_path, outputs), sidecar_path)
     print(f"wrote {sidecar_path}")
     if not passed:
         raise ValueError(f"ONNX Runtime outputs differ from PyTorch's by more than {CHECK_TOLERANCE:g} (boxes: of "
@@ -346,11 +337,7 @@ def _describe(diffs, img_size):
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, None, bad_input=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ the same arguments reuses what is there.
 """
 import argparse
 import os
-import sys
 import time
 
+from config import run_cli
 from synthetic_data import DATASET_KINDS, make_dataset
 
 FOLDERS = {"coco": "synthetic_coco", "whiteline": "whiteline"}
@@ -35,8 +35,7 @@ def main(argv=None):
     num_train = args.num_train if args.num_train is not None else {"coco": 600, "whiteline": 300}[args.kind]
     num_val = args.num_val if args.num_val is not None else {"coco": 100, "whiteline": 80}[args.kind]
     if num_train < 1 or num_val < 1:
-        print(f"error: --num-train and --num-val must be >= 1, got {num_train} and {num_val}", file=sys.stderr)
-        sys.exit(2)
+        raise ValueError(f"--num-train and --num-val must be >= 1, got {num_train} and {num_val}")
     root = os.path.join(args.out, FOLDERS[args.kind])
     started = time.perf_counter()
     paths, written = make_dataset(args.kind, root, num_train, num_val, args.seed, args.width, args.height)
@@ -47,5 +46,10 @@ def main(argv=None):
     return paths
 
 
+def run(argv=None):
+    """Command-line entry: bad input is one line on stderr and exit status 2."""
+    return run_cli(main, argv, bad_input=(ValueError,))
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -57,7 +57,7 @@ BASE_DEPTHS = (1, 2, 3, 1)
 MODEL_SIZES = {
     "nano": dict(width_mult=0.5, depth_mult=0.34, fpn_channels=64, head_convs=2),
     # Neck and head at 64 channels, as YOLOv8n's box branch: the head's 5x5 depthwise convs at stride 8 were
-    # the costliest layers of a training step (oneDNN's depthwise weight gradient is ~5x its forward).
+    # the costliest layers of a training step (oneDNN's depthwise weight gradient is several times its forward).
     "tiny": dict(width_mult=1.0, depth_mult=0.67, fpn_channels=64, head_convs=2),
     "small": dict(width_mult=1.25, depth_mult=1.0, fpn_channels=128, head_convs=2),
     # EfficientNet-Lite0 (its own width/depth, 1.0 and 1.0) with the ImageNet weights' normalisation.
@@ -476,8 +476,9 @@ class LightweightDetector(nn.Module):
         self.head.reset_classifier(num_classes)
         self.model_config["num_classes"] = num_classes
 
-    def load_backbone_weights(self, path, strict=True):
-        """Load backbone weights from a backbone file or a full checkpoint (its `backbone.*` tensors).
+    def load_backbone_weights(self, path, strict=True, checkpoint=None):
+        """Load backbone weights from a backbone file or a full checkpoint (its `backbone.*` tensors);
+        `checkpoint`: the file's contents when already loaded.
 
         Returns:
             dict report: "loaded" and "total" tensor counts, "missing_keys", "unexpected_keys", "source".
@@ -485,7 +486,7 @@ class LightweightDetector(nn.Module):
             ValueError on a shape mismatch or another backbone type (naming both model sizes), or, with
             strict=True, on missing or unexpected keys.
         """
-        state, source_config = read_backbone_state(path)
+        state, source_config = read_backbone_state(path, checkpoint)
         mismatched = [(k, tuple(v.shape), tuple(self.backbone.state_dict()[k].shape)) for k, v in state.items()
                       if k in self.backbone.state_dict() and v.shape != self.backbone.state_dict()[k].shape]
         # Files without "backbone" in their model_config predate lite0: CSP backbones.
@@ -517,7 +518,7 @@ class LightweightDetector(nn.Module):
                     f"; missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "")
         return report
 
-    def load_detector_weights(self, path):
+    def load_detector_weights(self, path, checkpoint=None):
         """Load everything but the class-specific output from a full checkpoint of the same architecture.
 
         Backbone, FPN, the head's branches and its box regressor are class-agnostic, so a detector
@@ -532,7 +533,8 @@ class LightweightDetector(nn.Module):
         Raises:
             ValueError if the file holds no full model (e.g. a backbone-only file) or another size.
         """
-        checkpoint = load_checkpoint_file(path, "checkpoint")
+        if checkpoint is None:
+            checkpoint = load_checkpoint_file(path, "checkpoint")
         state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not state:
             raise ValueError(f"{path} holds no full model (model_state_dict); a backbone file initialises the "
@@ -577,7 +579,7 @@ def letterbox(image, img_size):
     height, width = image.shape[-2:]
     scale = img_size / max(height, width)
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
-    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is about 10x faster
+    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is much faster
     # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
     uint8 = image.dtype == torch.uint8
     image = TF.resize(image, [new_h, new_w], antialias=True)
@@ -607,10 +609,11 @@ def load_checkpoint_file(path, what="checkpoint"):
                          f"it may be truncated or corrupt: copy or write it again") from None
 
 
-def read_backbone_state(path):
+def read_backbone_state(path, checkpoint=None):
     """(backbone state dict, source model_config or None) from a backbone file, a full checkpoint or a
-    plain state dict."""
-    checkpoint = load_checkpoint_file(path, "backbone file")
+    plain state dict (`checkpoint`: the file's contents when already loaded)."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint_file(path, "backbone file")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     config = checkpoint.get("model_config")
@@ -682,6 +685,61 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
 def has_imagenet_weights(model_size):
     """Whether create_lightweight_model can start `model_size`'s backbone from ImageNet weights (lite0)."""
     return MODEL_SIZES.get(model_size, {}).get("backbone", "csp") in IMAGENET_LOADERS
+
+
+INITS = ("random", "imagenet", "starter")  # or the path of a checkpoint or backbone file
+STARTER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "lite0_coco_starter.pth")
+STARTER_SIZE = "lite0"
+
+
+def init_model_size(init):
+    """The model size a starting point implies (a file's recorded size; lite0 for the starter), or None."""
+    if init == "starter":
+        return STARTER_SIZE
+    if init in INITS or not init:
+        return None
+    _, config = read_backbone_state(init)
+    return (config or {}).get("model_size")
+
+
+def load_init(model, init):
+    """Set `model`'s starting weights; returns one line naming what was loaded.
+
+    Args:
+        init: "random"; "imagenet" (the backbone's ImageNet weights, lite0); "starter" (the lite0 detector
+            pretrained ImageNet -> COCO classes that ships in weights/); or the path of a full checkpoint (every
+            weight but the class output: load_detector_weights) or of a backbone file (the backbone only).
+    The loaders record the groups they filled in `model.pretrained_groups`; the rest stay random.
+    Raises:
+        ValueError (one line) when the weights do not fit the model or do not exist.
+    """
+    if init == "random":
+        return "random weights"
+    if init == "imagenet":
+        backbone = model.model_config["backbone"]
+        if backbone not in IMAGENET_LOADERS:
+            raise ValueError(f"model_size {model.model_size!r} has no ImageNet weights; sizes with them: "
+                             f"{sorted(s for s in MODEL_SIZES if has_imagenet_weights(s))}")
+        IMAGENET_LOADERS[backbone](model.backbone)
+        model.pretrained_groups.add("backbone")
+        return f"ImageNet weights ({model.model_size} backbone)"
+    path = STARTER_PATH if init == "starter" else init
+    if init == "starter" and not os.path.isfile(path):
+        raise ValueError(f"the starter detector {path} is missing; restore it with git, or start from "
+                         f"--init imagenet")
+    checkpoint = load_checkpoint_file(path, "init weights")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    source_size = (checkpoint.get("model_config") or {}).get("model_size")
+    if source_size and source_size != model.model_size:
+        raise ValueError(f"{path} holds a {source_size!r} backbone but model_size is {model.model_size!r}; "
+                         f"pass --model-size {source_size}")
+    if "model_state_dict" in checkpoint:
+        report = model.load_detector_weights(path, checkpoint)
+        what = "the starter detector" if init == "starter" else "a full detector"
+        return f"{what} {path}: {report['loaded']}/{report['total']} tensors, all but the class output"
+    report = model.load_backbone_weights(path, checkpoint=checkpoint)
+    return f"a backbone file {path}: {report['loaded']}/{report['total']} backbone tensors"
 
 
 def save_checkpoint(payload, path):

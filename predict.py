@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from config import run_cli, write_json_atomic
 from dataset_coco import load_coco_json, load_image
 from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
 from model_lightweight import load_model
@@ -208,13 +209,6 @@ def above(result, conf_threshold):
     return {key: value[keep] for key, value in result.items()}
 
 
-def write_json(payload, path):
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp_path, path)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 def get_args_parser():
@@ -233,8 +227,8 @@ def get_args_parser():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device, e.g. cpu or cuda")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the (BatchNorm-fused) network: ~1.4x faster on a CPU once compiled, "
-                             "which takes 10-60 s, so it pays off on large folders (benchmarks/speed.py)")
+                        help="torch.compile the (BatchNorm-fused) network: faster once compiled, but compiling "
+                             "takes a while, so it pays off on large folders (README: Speed on a CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -288,7 +282,7 @@ def main(argv=None):
         raise PredictError(f"none of the {len(paths)} images of --source {args.source} could be read "
                            f"(e.g. {skipped[0]})")
     json_path = os.path.join(args.save_dir, "predictions.json")
-    write_json(saved, json_path)
+    write_json_atomic(saved, json_path, indent=None)
     print(f"{len(predicted)} images, {len(saved)} detections at conf >= {args.conf:g}"
           f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: drawn images and {json_path}")
     summary = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "save_dir": args.save_dir,
@@ -304,11 +298,7 @@ def main(argv=None):
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main()
-    except (PredictError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, None, bad_input=(PredictError,))
 
 
 if __name__ == "__main__":

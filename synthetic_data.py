@@ -3,7 +3,7 @@
 Each class is a filled shape (square, circle, triangle, cross, ring, diamond, ...) in its own colour,
 drawn at 20-45% of the image side with little overlap on a mildly noisy textured background. The task
 is easy enough that a tiny detector learns it in a few dozen iterations, which makes it the shared
-fixture for tests and the demo. Only numpy and PIL are used; 100 images of 128 px take well under 1 s.
+fixture for tests and the demo. Only numpy and PIL are used, and small sets are written in a moment.
 
     from synthetic_data import write_shapes_split, write_coco_layout
     write_shapes_split("data/img", "data/ann.json", num_images=50, class_names=["a", "b"])

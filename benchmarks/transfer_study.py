@@ -45,11 +45,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import engine  # noqa: E402
+import config as cfg  # noqa: E402
 import finetune_single_class  # noqa: E402
 from finetune_single_class import split_epochs  # noqa: E402
 import pretrain_multi_class  # noqa: E402
-from model_lightweight import MODEL_SIZES, has_imagenet_weights, read_backbone_state  # noqa: E402
+import runs  # noqa: E402
+from model_lightweight import MODEL_SIZES, has_imagenet_weights, init_model_size  # noqa: E402
 from synthetic_data import SCENE_CLASSES, make_dataset  # noqa: E402
 
 logger = logging.getLogger("transfer_study")
@@ -62,8 +63,7 @@ SIZES = tuple(size for size in MODEL_SIZES if not has_imagenet_weights(size))  #
 DATA_KEYS = ("train_root", "train_ann", "val_root", "val_ann")
 # finetune_single_class keys that the study sets for every arm; a --config file may not set them
 STUDY_KEYS = DATA_KEYS + ("class_name", "model_size", "img_size", "batch_size", "seed", "workers", "device",
-                          "output_dir", "resume", "config", "progress", "pretrained_backbone",
-                          "pretrained_backbone_path", "no_pretrained", "no_imagenet")
+                          "output_dir", "resume", "config", "progress", "init", "epochs")
 RUN_CONFIG = "study_config.json"  # the --config of the run in the same folder
 DONE = "done.json"  # written when a run finishes: its argv, config and result, for reuse
 CLAIM_SPEEDUP = 2.0  # "2-3x faster convergence"
@@ -83,7 +83,10 @@ def get_args_parser():
                                                    "for lite0_imagenet_coco (default: pretrain one here)")
     parser.add_argument("--starts", nargs="+", metavar="NAME=SPEC", default=[],
                         help="run every pretrained arm once per start, as ARM@NAME; SPEC is 'imagenet' (lite0's "
-                             "ImageNet backbone) or a checkpoint / backbone file; scratch takes their model size")
+                             "ImageNet backbone), 'starter' (the lite0 starter detector) or a checkpoint / backbone "
+                             "file; scratch takes their model size")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="ARM@NAME",
+                        help="arms of the --arms x --starts matrix to leave out (the report lists them)")
     parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the study's own pretraining")
     parser.add_argument("--pretrain-num-train", type=int, default=600, help="synthetic scenes it trains on")
     parser.add_argument("--pretrain-num-val", type=int, default=100, help="synthetic scenes it is scored on")
@@ -266,16 +269,16 @@ def claim_lines(summary):
 def check_args(args):
     """Bad input as one line, before anything trains."""
     if len(set(args.seeds)) != len(args.seeds):
-        raise engine.ConfigError(f"--seeds has repeats: {args.seeds}")
+        raise cfg.ConfigError(f"--seeds has repeats: {args.seeds}")
     if len(set(args.arms)) != len(args.arms):
-        raise engine.ConfigError(f"--arms has repeats: {args.arms}")
+        raise cfg.ConfigError(f"--arms has repeats: {args.arms}")
     for name in ("epochs", "pretrain_epochs", "num_train", "num_val"):
         if getattr(args, name) < 1:
-            raise engine.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise cfg.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("pretrained", "pretrained_lite0"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
-            raise engine.ConfigError(f"--{name.replace('_', '-')} not found: {path}")
+            raise cfg.ConfigError(f"--{name.replace('_', '-')} not found: {path}")
 
 
 def load_schedule_config(path):
@@ -285,21 +288,21 @@ def load_schedule_config(path):
         (fine-tuning settings, the pretraining rates scratch trains at, the file's fine-tuning keys, which
         every arm's config repeats).
     """
-    defaults = engine.load_json(engine.DEFAULT_CONFIG_PATH)
-    finetune = {**finetune_single_class.DEFAULTS, **engine.config_sections(defaults, "finetuning")}
-    pretrain = engine.config_sections(defaults, "pretraining")
+    defaults = cfg.load_json(cfg.DEFAULT_CONFIG_PATH)
+    finetune = cfg.script_defaults("finetuning")
+    pretrain = cfg.config_sections(defaults, "pretraining")
     overrides = {}
     if path:
-        data = engine.load_json(path)
-        overrides = engine.config_sections(data, "finetuning")
-        engine.check_config(overrides, finetune_single_class.DEFAULTS, path)
+        data = cfg.load_json(path)
+        overrides = cfg.config_sections(data, "finetuning")
+        cfg.check_types(overrides, finetune, path)
         taken = sorted(set(overrides) & set(STUDY_KEYS))
         if taken:
-            raise engine.ConfigError(f"{path} sets {taken[0]!r}, which the study sets for every arm from its own "
+            raise cfg.ConfigError(f"{path} sets {taken[0]!r}, which the study sets for every arm from its own "
                                      f"flags; remove it from the file")
         if "pretraining" in data:
-            own = engine.config_sections(data, "pretraining")
-            engine.check_config(own, pretrain_multi_class.DEFAULTS, path)
+            own = cfg.config_sections(data, "pretraining")
+            cfg.check_types(own, cfg.script_defaults("pretraining"), path)
             pretrain.update(own)
         finetune.update(overrides)
     rates = {name: pretrain[name] for name in ("backbone_lr", "fpn_lr", "head_lr")}
@@ -329,7 +332,7 @@ def expand_arms(arms, starts):
 
 def seed_schedule(finetune):
     """`finetune` with the seed's defaults (SEED_DEFAULTS) over it: the three_stage_seed recipe."""
-    values = engine.config_sections(engine.load_json(SEED_DEFAULTS, "seed defaults"), "finetuning")
+    values = cfg.config_sections(cfg.load_json(SEED_DEFAULTS, "seed defaults"), "finetuning")
     return {**finetune, **values}
 
 
@@ -339,7 +342,7 @@ def arm_schedule(arm, total_epochs, finetune, pretrain_rates):
     seed_values = {}
     if arm == "three_stage_seed":
         finetune = seed_schedule(finetune)
-        seed_values = {key: finetune[key] for key in engine.load_json(SEED_DEFAULTS) if not key.startswith("_")}
+        seed_values = {key: finetune[key] for key in cfg.load_json(SEED_DEFAULTS) if not key.startswith("_")}
     rates = {key: value for key, value in finetune.items() if key.startswith("stage") and key.endswith("_lr")}
     if arm in THREE_STAGE_ARMS:
         epochs = split_epochs(total_epochs, [finetune[f"stage{i}_epochs"] for i in (1, 2, 3)])
@@ -354,10 +357,12 @@ def arm_schedule(arm, total_epochs, finetune, pretrain_rates):
 
 
 def start_flags(spec):
-    """finetune_single_class flags of a --starts entry: 'imagenet' (lite0's ImageNet backbone) or a file."""
-    if spec == "imagenet":
-        return ["--model-size", "lite0"]
-    return ["--model-size", checkpoint_model_size(spec), "--pretrained-backbone", spec]
+    """finetune_single_class flags of a --starts entry: a named start (imagenet, starter) or a file."""
+    return ["--model-size", start_model_size(spec), "--init", spec]
+
+
+def start_model_size(spec):
+    return "lite0" if spec == "imagenet" else init_model_size(spec)
 
 
 def arm_init_flags(arm, weights):
@@ -366,13 +371,12 @@ def arm_init_flags(arm, weights):
     if start_of(arm):
         return start_flags(weights["starts"][start_of(arm)])
     if arm == "scratch":
-        return ["--model-size", model_size, "--no-pretrained"] + (["--no-imagenet"] if has_imagenet_weights(model_size)
-                                                                  else [])
+        return ["--model-size", model_size, "--init", "random"]
     if arm == "lite0_imagenet":  # no weights file: lite0 starts from the package's ImageNet weights
-        return ["--model-size", "lite0"]
+        return start_flags("imagenet")
     if arm == "lite0_imagenet_coco":
-        return ["--model-size", "lite0", "--pretrained-backbone", pretrained_lite0]
-    return ["--model-size", model_size, "--pretrained-backbone", pretrained]
+        return ["--model-size", "lite0", "--init", pretrained_lite0]
+    return ["--model-size", model_size, "--init", pretrained]
 
 
 def runtime_flags(args):
@@ -392,26 +396,20 @@ def arm_argv(arm, seed, args, data, weights, folder):
                                  "--batch-size", str(args.batch_size)] + runtime_flags(args))
 
 
-def checkpoint_model_size(path):
-    """The model size a pretraining checkpoint or backbone file was written by (None if it does not say)."""
-    _, model_config = read_backbone_state(path)
-    return (model_config or {}).get("model_size")
-
-
 def parse_starts(args):
     """--starts NAME=SPEC ... -> {name: spec}, each checked; all of one model size."""
     starts = {}
     for entry in args.starts:
         name, _, spec = entry.partition("=")
         if not name or not spec or "@" in name or name in starts:
-            raise engine.ConfigError(f"--starts takes distinct NAME=SPEC entries (SPEC: imagenet or a file), got "
+            raise cfg.ConfigError(f"--starts takes distinct NAME=SPEC entries (SPEC: imagenet or a file), got "
                                      f"{entry!r}")
-        if spec != "imagenet" and not os.path.isfile(spec):
-            raise engine.ConfigError(f"--starts {name}: {spec} is neither 'imagenet' nor a file")
+        if spec not in ("imagenet", "starter") and not os.path.isfile(spec):
+            raise cfg.ConfigError(f"--starts {name}: {spec} is neither 'imagenet', 'starter' nor a file")
         starts[name] = spec
-    sizes = {"lite0" if spec == "imagenet" else checkpoint_model_size(spec) for spec in starts.values()}
+    sizes = {start_model_size(spec) for spec in starts.values()}
     if len(sizes) > 1:
-        raise engine.ConfigError(f"--starts mixes model sizes ({', '.join(sorted(map(str, sizes)))}); one size per "
+        raise cfg.ConfigError(f"--starts mixes model sizes ({', '.join(sorted(map(str, sizes)))}); one size per "
                                  f"study, so that scratch compares with every start")
     return starts, next(iter(sizes), None)
 
@@ -421,19 +419,19 @@ def resolve_model_size(args):
     if args.starts:
         size = parse_starts(args)[1]
         if args.model_size and args.model_size != size:
-            raise engine.ConfigError(f"--starts are {size} weights but --model-size is {args.model_size!r}")
+            raise cfg.ConfigError(f"--starts are {size} weights but --model-size is {args.model_size!r}")
         return size
-    source = checkpoint_model_size(args.pretrained) if args.pretrained else None
+    source = init_model_size(args.pretrained) if args.pretrained else None
     if args.model_size and source and source != args.model_size:
-        raise engine.ConfigError(f"--pretrained {args.pretrained} holds a {source!r} model but --model-size is "
+        raise cfg.ConfigError(f"--pretrained {args.pretrained} holds a {source!r} model but --model-size is "
                                  f"{args.model_size!r}; drop --model-size or pass a {args.model_size} checkpoint")
     size = args.model_size or source or "nano"
     if size not in SIZES:
-        raise engine.ConfigError(f"--pretrained {args.pretrained} holds a {size!r} model; the pretrained arms take "
+        raise cfg.ConfigError(f"--pretrained {args.pretrained} holds a {size!r} model; the pretrained arms take "
                                  f"{', '.join(SIZES)} (lite0 checkpoints go to --pretrained-lite0)")
-    if args.pretrained_lite0 and checkpoint_model_size(args.pretrained_lite0) not in ("lite0", None):
-        raise engine.ConfigError(f"--pretrained-lite0 {args.pretrained_lite0} holds a "
-                                 f"{checkpoint_model_size(args.pretrained_lite0)!r} model, not lite0")
+    if args.pretrained_lite0 and init_model_size(args.pretrained_lite0) not in ("lite0", None):
+        raise cfg.ConfigError(f"--pretrained-lite0 {args.pretrained_lite0} holds a "
+                                 f"{init_model_size(args.pretrained_lite0)!r} model, not lite0")
     return size
 
 
@@ -445,10 +443,10 @@ def study_data(args):
     if any(given.values()):
         for key, path in given.items():
             if not path:
-                raise engine.ConfigError(f"--{key.replace('_', '-')} is missing: your own data needs --train-root, "
+                raise cfg.ConfigError(f"--{key.replace('_', '-')} is missing: your own data needs --train-root, "
                                          f"--train-ann, --val-root and --val-ann")
             if not os.path.exists(path):
-                raise engine.ConfigError(f"--{key.replace('_', '-')} does not exist: {path}")
+                raise cfg.ConfigError(f"--{key.replace('_', '-')} does not exist: {path}")
         return {**given, "class_name": args.class_name, "source": "your data"}
     root = os.path.join(args.data, f"whiteline_{args.num_train}_{args.num_val}")
     paths, _ = make_dataset("whiteline", root, args.num_train, args.num_val)
@@ -463,15 +461,15 @@ def run_or_reuse(folder, entry, argv, config, is_complete):
     # progress bars do not change a run, so a run without them is reused by a command with them and back
     record = json.loads(json.dumps({"argv": [a for a in argv if a != "--no-progress"], "config": config}))
     if os.path.isfile(marker):
-        done = engine.load_json(marker, "run record")
+        done = cfg.load_json(marker, "run record")
         if {key: done.get(key) for key in record} == record and is_complete(done["result"]):
             logger.info("reusing the finished run %s", done["result"]["run_dir"])
             return done["result"]
         logger.info("%s holds a run with other settings or unfinished; running again", folder)
     os.makedirs(folder, exist_ok=True)
-    engine.write_json_atomic(config, os.path.join(folder, RUN_CONFIG))
+    cfg.write_json_atomic(config, os.path.join(folder, RUN_CONFIG))
     result = entry(argv)
-    engine.write_json_atomic({**record, "result": result}, marker)
+    cfg.write_json_atomic({**record, "result": result}, marker)
     return result
 
 
@@ -511,7 +509,7 @@ def study_weights(args, runs_dir):
 
 def read_run_curve(run_dir):
     """{"stage", "mAP50", "mAP", "epoch_time": per-epoch lists} of a fine-tuning run's metrics.csv."""
-    rows = engine.MetricsLog(run_dir).rows
+    rows = runs.MetricsLog(run_dir).rows
     curve = {"stage": [int(row["stage"]) for row in rows], "epoch_time": [float(row["epoch_time"]) for row in rows]}
     curve.update({key: [float(row[key]) for row in rows] for key in ("mAP50", "mAP")})
     return curve
@@ -618,7 +616,7 @@ def _stage_rates(schedule, stage):
 
 def settings_lines(argv, args, data, weights, schedules, elapsed):
     """What was run: the command, the data, the initialisations and every arm's schedule."""
-    counts = {split: len(engine.load_json(data[f"{split}_ann"], "annotation file")["images"])
+    counts = {split: len(cfg.load_json(data[f"{split}_ann"], "annotation file")["images"])
               for split in ("train", "val")}
     lines = ["# Transfer study", "", f"`python benchmarks/transfer_study.py {shlex.join(argv)}`", "",
              f"- data: {data['source']}, class {data['class_name'] or '(the only one)'}: {counts['train']} train "
@@ -630,6 +628,8 @@ def settings_lines(argv, args, data, weights, schedules, elapsed):
         lines.append(f"- three_stage, naive and heads_only start from `{weights['pretrained']}`")
     for name, spec in weights["starts"].items():
         lines.append(f"- ARM@{name} starts from {'the ImageNet weights of lite0' if spec == 'imagenet' else spec}")
+    if args.skip:
+        lines.append(f"- not run: {', '.join(args.skip)}")
     if weights["pretrained_lite0"]:
         lines.append(f"- lite0_imagenet_coco starts from `{weights['pretrained_lite0']}`")
     if weights["pretrained_here"]:
@@ -688,6 +688,10 @@ def main(argv=None):
     runs_dir = os.path.join(args.out, "runs")
     weights = study_weights(args, runs_dir)
     arms = expand_arms(args.arms, weights["starts"])
+    unknown = sorted(set(args.skip) - set(arms))
+    if unknown:
+        raise cfg.ConfigError(f"--skip {unknown[0]} is not an arm of this study ({', '.join(arms)})")
+    arms = [arm for arm in arms if arm not in args.skip]
     schedules = {arm: recipes[recipe_of(arm)] for arm in arms}
     curves, run_dirs = {}, {}
     try:
@@ -712,7 +716,7 @@ def main(argv=None):
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    engine.run_script(main, None, bad_input=(engine.ConfigError,))
+    cfg.run_cli(main, None)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Shared pytest fixtures: a tiny synthetic shapes data set and a builder for hand-written COCO JSONs."""
+"""Shared pytest fixtures: a tiny synthetic shapes data set, a builder for hand-written COCO JSONs, and the data
+set, flags and helpers of the bad-input and fault tests."""
+import csv
 import json
+import logging
+import os
+import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from synthetic_data import write_shapes_split
+import finetune_single_class
+from model_lightweight import create_lightweight_model, save_checkpoint
+from synthetic_data import write_coco_layout, write_shapes_split
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +66,103 @@ def make_coco(tmp_path):
                 Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(image_root / file_name)
         return write_coco_json(tmp_path / name, categories, images, annotations), str(image_root)
     return build
+
+# ---- bad input and faults: a data set, flags and helpers shared by the modules that test them ------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FAST_PRETRAIN = ["--batch-size", "4", "--model-size", "nano", "--img-size", "64", "--workers", "0",
+                 "--device", "cpu", "--no-progress"]
+STAGES = {"num_classes": 1, "stage1_epochs": 1, "stage2_epochs": 1, "stage3_epochs": 0}
+
+
+class Evil:
+    """Unpickling this object opens (creates) `marker`: a stand-in for any code a checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(autouse=True)
+def drop_script_log_handlers():
+    """The scripts' logging.basicConfig binds a handler to this test's captured stderr; remove it after."""
+    yield
+    for handler in [h for h in logging.root.handlers if type(h) is logging.StreamHandler]:
+        logging.root.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def fault_data(tmp_path_factory):
+    """Fine-tuning files (train/val, 2 categories at 96 px), a COCO layout for pretraining, a nano backbone
+    file, a flat config, a malicious pickle and a corrupt file."""
+    root = tmp_path_factory.mktemp("faults")
+    write_shapes_split(root / "train", root / "train.json", 8, ["whiteline", "kerb"], img_size=96, seed=0)
+    write_shapes_split(root / "val", root / "val.json", 4, ["whiteline", "kerb"], img_size=96, seed=1)
+    write_coco_layout(str(root / "coco"), ["person", "car", "dog"], num_train=8, num_val=4, img_size=64, seed=0)
+    backbone = create_lightweight_model(3, "nano", img_size=64).backbone_checkpoint()
+    save_checkpoint(backbone, str(root / "nano_backbone.pth"))
+    save_checkpoint(create_lightweight_model(3, "small", img_size=64).backbone_checkpoint(),
+                    str(root / "small_backbone.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)},
+               root / "resnet.pth")  # another architecture's plain state dict
+    (root / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip" * 20)
+    torch.save({"model_state_dict": {"w": Evil(str(root / "PWNED"))}}, root / "evil.pth")
+    (root / "flat.json").write_text(json.dumps(STAGES))
+    return root
+
+
+def finetune_args(fault_data, output_dir, **overrides):
+    values = {"--config": fault_data / "flat.json", "--class-name": "whiteline", "--train-root": fault_data / "train",
+              "--train-ann": fault_data / "train.json", "--val-root": fault_data / "val", "--val-ann": fault_data / "val.json",
+              "--pretrained-backbone": fault_data / "nano_backbone.pth", "--batch-size": "4", "--model-size": "nano",
+              "--img-size": "64", "--workers": "0", "--device": "cpu", "--output-dir": output_dir}
+    values.update(overrides)
+    args = []
+    for flag, value in values.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def exits_with_one_line(capsys, entry, status=2):
+    """Run a CLI entry point; check the exit status and that the error is one line. Returns that line."""
+    logging.disable(logging.CRITICAL)  # the scripts log to stderr; only the error line is under test here
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            entry()
+    finally:
+        logging.disable(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def finetune_cli(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["finetune_single_class.py", *argv])
+    return finetune_single_class.run
+
+
+def write_json(path, payload):
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+def write_bad_images(image_dir, names):
+    """Turn the first file into a truncated PNG and the second into text named like an image."""
+    first = image_dir / names[0]
+    first.write_bytes(first.read_bytes()[:200])
+    (image_dir / names[1]).write_text("this is not an image")
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def loss_curve(run_dir):
+    return [(row["epoch"], row["loss"], row["loss_cls"], row["loss_box"]) for row in read_rows(run_dir)]

@@ -3,6 +3,7 @@ and the learning-rate scaling rule for the global batch."""
 import pytest
 import torch
 
+import config
 import engine
 import pretrain_multi_class as pretrain
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms
@@ -25,8 +26,9 @@ def test_bf16_autocast_overfits_one_batch_in_float32_weights(shapes_dataset):
     assert DetectionLoss()(outputs, targets)["loss"].dtype == torch.float32  # QFL and GIoU in float32
 
     optimizer = torch.optim.AdamW(model.get_param_groups(3e-3, 3e-3, 3e-3, weight_decay=1e-4))
-    history = [engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", step, amp=True,
-                                      clip_grad_norm=5.0, progress=False)["loss"] for step in range(16)]
+    state, options = engine.TrainState(model, optimizer), engine.StepOptions(amp=True, clip_grad_norm=5.0)
+    history = [engine.train_one_epoch(model, DetectionLoss(), [batch], state, options, step,
+                                      progress=False)["loss"] for step in range(16)]
     assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history  # bf16 run: ~1.7 -> ~0.6
     assert all(tensor.dtype == torch.float32 for tensor in model.state_dict().values() if tensor.is_floating_point())
 
@@ -48,9 +50,9 @@ def test_amp_pretraining_checkpoint_is_float32_and_loads(tmp_path):
 
 
 def test_amp_dtype_and_scaler_choices():
-    with pytest.raises(engine.ConfigError, match="fp16 needs CUDA"):
-        engine.check_amp_dtype("fp16", "cpu")
-    engine.check_amp_dtype("bf16", "cpu")
+    with pytest.raises(config.ConfigError, match="fp16 needs CUDA"):
+        config.check_device({"device": "cpu", "sync_bn": False, "amp_dtype": "fp16"})
+    config.check_device({"device": "cpu", "sync_bn": False, "amp_dtype": "bf16"})
     assert engine.build_grad_scaler("cpu", amp=True) is None  # bfloat16 has float32's range: no scaling
     assert engine.build_grad_scaler("cuda", amp=True, amp_dtype="bf16") is None
 
@@ -61,8 +63,8 @@ def test_lr_scale_factor_follows_the_global_batch():
     assert engine.lr_scale_factor("sqrt", 16, 4) == 2.0
     assert engine.lr_scale_factor("none", 16, 4) == 1.0
     assert engine.lr_scale_factor("linear", 32, 2, reference_batch_size=256) == 0.25
-    with pytest.raises(engine.ConfigError, match="lr_scaling"):
-        engine.check_lr_scaling({"lr_scaling": "cubic", "lr_reference_batch_size": None})
+    with pytest.raises(config.ConfigError, match="lr_scaling"):
+        config.check_common({**config.script_defaults("finetuning"), "lr_scaling": "cubic"}, 32)
 
 
 def test_a_step_the_grad_scaler_skips_advances_neither_the_schedule_nor_the_ema(shapes_dataset):
@@ -78,13 +80,12 @@ def test_a_step_the_grad_scaler_skips_advances_neither_the_schedule_nor_the_ema(
     ema = engine.build_ema(model)
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # scaled gradients overflow float32: inf
-    metrics = engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", scaler=scaler, ema=ema,
-                                     scheduler=scheduler, progress=False)
+    state = engine.TrainState(model, optimizer, scheduler, ema, scaler)
+    metrics = engine.train_one_epoch(model, DetectionLoss(), [batch], state, progress=False)
     assert metrics["scaler_skips"] == 1 and scaler.get_scale() < 2.0 ** 127
     assert scheduler.last_epoch == 0 and int(ema.n_averaged) == 0
     assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # a normal step moves all three
-    metrics = engine.train_one_epoch(model, DetectionLoss(), optimizer, [batch], "cpu", scaler=scaler, ema=ema,
-                                     scheduler=scheduler, progress=False)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # a normal step moves all three
+    metrics = engine.train_one_epoch(model, DetectionLoss(), [batch], state, progress=False)
     assert metrics["scaler_skips"] == 0 and scheduler.last_epoch == 1 and int(ema.n_averaged) == 1

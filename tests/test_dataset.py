@@ -3,6 +3,8 @@ and of the synthetic_data.py generator that the other test files build on."""
 import json
 import logging
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,10 +12,15 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from conftest import write_coco_json
+import config
+import dataset_coco
+import engine
+from conftest import exits_with_one_line, write_bad_images, write_coco_json
 from dataset_coco import (LETTERBOX_FILL, TRANSFORM_PRESETS, CocoDetectionDataset, build_dataloader,
                           build_transforms, coco_layout_paths, collate_fn, dataset_report, default_num_workers,
                           load_image, main, resolve_image_path)
+from losses import DetectionLoss
+from model_lightweight import create_lightweight_model
 from synthetic_data import class_style, write_coco_layout, write_shapes_split
 
 CATS = [(7, "dog"), (3, "cat"), (5, "bird")]
@@ -415,3 +422,100 @@ def test_a_truncated_jpeg_is_decoded_with_a_warning(tmp_path, caplog):
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + data[8:100])  # not a JPEG: still an error
     with pytest.raises(OSError):
         load_image(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--ann", "/nowhere.json", "--root", "/"], "annotation file not found: /nowhere.json"),
+    (["--ann", "{data}/train.json", "--root", "{data}/train", "--class-name", "zebra"], "available: whiteline, kerb"),
+    (["--ann", "{data}/flat.json", "--root", "{data}/train"], "is not COCO: it lacks images, annotations"),
+])
+def test_dataset_cli_bad_input_is_one_line(argv, expected, fault_data, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["dataset_coco.py", *[a.format(data=fault_data) for a in argv]])
+    line = exits_with_one_line(capsys, dataset_coco.run)
+    assert expected in line, line
+
+
+def test_bad_boxes_dropped_clipped_and_reported_once(tmp_path, caplog):
+    Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    ann = write_coco_json(tmp_path / "a.json", [(1, "x")], [(1, "a.png", 100, 80)],
+                          [(1, 1, [-10, -10, 30, 30]), (1, 1, [10, 10, 0, 5]), (1, 1, [10, 10, -5, 5]),
+                           (1, 1, [200, 200, 10, 10]), (1, 1, [float("nan"), 1, 5, 5]), (1, 1, [5, 6, 10, 12])])
+    with caplog.at_level(logging.WARNING, logger="dataset_coco"):
+        dataset = CocoDetectionDataset(ann, str(tmp_path), transforms=build_transforms("strong", 64))
+    (record,) = caplog.records
+    assert "clipped 1 boxes, dropped 4 (3 degenerate/outside, 1 non-finite/malformed)" in record.getMessage()
+    image, target = dataset[0]  # training goes on with the two usable boxes
+    assert image.shape == (3, 64, 64) and len(target["boxes_xyxy"]) <= 2
+    report = dataset_report(dataset, 64)
+    assert "boxes dropped: 4 (3 under 1 px or outside the image, 1 non-finite or malformed)" in report
+    assert "WARNING: 4 of 6 boxes were dropped" in report
+
+
+def test_unreadable_images_skipped_named_and_counted(fault_data, tmp_path, caplog):
+    image_dir = tmp_path / "images"
+    ann = write_shapes_split(image_dir, tmp_path / "ann.json", 6, ["a"], img_size=64, seed=0)
+    names = sorted(os.listdir(image_dir))
+    write_bad_images(image_dir, names)
+    dataset = CocoDetectionDataset(ann, str(image_dir), transforms=build_transforms("letterbox", 64))
+    loader = build_dataloader(dataset, batch_size=2, shuffle=False, num_workers=0)
+    model = create_lightweight_model(1, "nano", img_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with caplog.at_level(logging.WARNING, logger="dataset_coco"):
+        metrics = engine.train_one_epoch(model, DetectionLoss(), loader, engine.TrainState(model, optimizer),
+                                         progress=False)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert names[0] in warned and names[1] in warned and "skipping unreadable image" in warned
+    assert metrics["images_skipped"] == 2 and metrics["nonfinite_steps"] == 0
+    assert collate_fn([None, None]) is None  # a batch of only bad images is skipped, not a crash
+    with pytest.raises(config.ConfigError, match=r"2/6 training images of epoch 1 could not be read \(more than "
+                                                 r"max_bad_image_fraction=0.05\)"):
+        engine.check_skipped_images(metrics, loader, 0.05, 1)
+    engine.check_skipped_images(metrics, loader, 0.5, 1)  # under the configured share: the run goes on
+
+
+def test_unusual_image_modes_train_and_boxes_match(tmp_path):
+    """Every mode loads as RGB, the box covers the bright object (after EXIF rotation too), and a training
+    epoch over them is finite."""
+    displayed = np.zeros((48, 64), np.uint8)
+    displayed[8:28, 30:50] = 255  # object at x 30..50, y 8..28 in the displayed frame
+    rgb = np.stack([displayed] * 3, axis=-1)
+    files = {
+        "gray.png": Image.fromarray(displayed, "L"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((48, 64), 255, np.uint8)]), "RGBA"),
+        "palette.png": Image.fromarray(rgb).quantize(4),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "sixteen.png": Image.fromarray(displayed.astype(np.uint16) * 257),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name, quality=98) if name.endswith(".jpg") else image.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif.jpg", quality=98, exif=exif)
+    names = [*files, "exif.jpg"]
+    ann = write_coco_json(tmp_path / "ann.json", [(1, "object")],
+                          [(i, name, 64, 48) for i, name in enumerate(names, start=1)],
+                          [(i, 1, [30, 8, 20, 20]) for i in range(1, len(names) + 1)])
+    dataset = CocoDetectionDataset(ann, str(tmp_path), transforms=build_transforms("letterbox", 64))
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        x0, y0, x1, y1 = target["boxes_xyxy"][0].round().int().tolist()
+        assert (x0, y0, x1, y1) == (30, 8, 50, 28), names[index]
+        inside = image[:, y0 + 2:y1 - 2, x0 + 2:x1 - 2].mean()
+        outside = image[:, 30:46, :24].mean()
+        assert inside > 0.9 and outside < 0.1, (names[index], inside, outside)
+    loader = build_dataloader(dataset, batch_size=3, shuffle=False, num_workers=0)
+    model = create_lightweight_model(1, "nano", img_size=64)
+    metrics = engine.train_one_epoch(model, DetectionLoss(), loader,
+                                     engine.TrainState(model, torch.optim.AdamW(model.parameters(), 1e-3)),
+                                     progress=False)
+    assert metrics["nonfinite_steps"] == 0 and metrics["images_skipped"] == 0 and np.isfinite(metrics["loss"])
+
+
+def test_dataset_report_warns_about_tiny_boxes_and_empty_class(tmp_path):
+    Image.fromarray(np.full((400, 400, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    ann = write_coco_json(tmp_path / "a.json", [(1, "speck"), (2, "ghost")], [(1, "a.png", 400, 400)],
+                          [(1, 1, [10, 10, 12, 12]), (1, 1, [100, 100, 15, 15])])
+    report = dataset_report(CocoDetectionDataset(ann, str(tmp_path)), 160)
+    assert "WARNING: class 'ghost' has no boxes" in report
+    assert "WARNING: 2/2 boxes are under 8 px on a side at img_size 160" in report
+    assert "2/2 boxes" not in dataset_report(CocoDetectionDataset(ann, str(tmp_path)), 640)

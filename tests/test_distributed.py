@@ -59,6 +59,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_shard_data_and_write_like_one(data, tmp_path):
     pretrain_args = ["--coco-root", str(data / "coco"), "--epochs", "1", "--no-progress", *COMMON]
     result = torchrun("pretrain_multi_class.py", *pretrain_args, "--output-dir", str(tmp_path / "pre2"))

@@ -10,16 +10,19 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import config
 import engine
 import finetune_single_class as finetune
 import pretrain_multi_class as pretrain
-from model_lightweight import create_lightweight_model
+from conftest import finetune_args
+from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
 from synthetic_data import write_coco_layout, write_shapes_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAT_CONFIG = {"num_classes": 1, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
                "stage2_epochs": 1, "stage2_head_lr": 1e-3, "stage2_fpn_lr": 2e-4,
-               "stage3_epochs": 2, "stage3_head_lr": 2e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 2e-5}
+               "stage3_epochs": 2, "stage3_head_lr": 2e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 2e-5,
+               "stage3_train_bn": True}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def data(tmp_path_factory):
                                 "--device", "cpu", "--output-dir", str(root / "pretrain"), "--no-progress"])
     backbone = pretrained["last_backbone"]  # written by the pretraining code
     shutil.copy(pretrained["last_checkpoint"], root / "pretrain_full.pth")
-    flat = dict(FLAT_CONFIG, pretrained_backbone_path=str(backbone))
+    flat = dict(FLAT_CONFIG, init=str(backbone))
     (root / "flat.json").write_text(json.dumps(flat))
     return root
 
@@ -49,6 +52,7 @@ def base_args(data, output_dir):
             "--output-dir", str(output_dir)]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_outputs_and_readme_snippet(data, tmp_path):
     result = subprocess.run([sys.executable, "finetune_single_class.py", *base_args(data, tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -83,15 +87,15 @@ def spy_on_stages(monkeypatch):
     seen = {}
     real = engine.train_one_epoch
 
-    def spy(model, criterion, optimizer, loader, device, epoch, *args, **kwargs):
+    def spy(model, criterion, loader, state, options, epoch, *args, **kwargs):
         model.train()
         seen[epoch] = {
             "grad": {g: any(p.requires_grad for p in getattr(model, g).parameters()) for g in ("backbone", "fpn", "head")},
             "bn_train": {g: all(m.training for m in getattr(model, g).modules() if isinstance(m, _BatchNorm))
                          for g in ("backbone", "fpn", "head")},
-            "lrs": {group["name"]: group["initial_lr"] for group in optimizer.param_groups},
+            "lrs": {group["name"]: group["initial_lr"] for group in state.optimizer.param_groups},
         }
-        return real(model, criterion, optimizer, loader, device, epoch, *args, **kwargs)
+        return real(model, criterion, loader, state, options, epoch, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", spy)
     return seen
@@ -112,38 +116,44 @@ def test_stages_release_a_full_detector_group_by_group(data, tmp_path, monkeypat
     assert seen[3]["bn_train"] == {"backbone": True, "fpn": True, "head": True}
     assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 1e-4 and seen[3]["lrs"]["head"] == 2e-4
     config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
-    assert config["init"]["pretrained"] == ["backbone", "fpn", "head"] and config["init"]["new"] == []
+    assert config["provenance"]["pretrained"] == ["backbone", "fpn", "head"] and config["provenance"]["new"] == []
 
 
 def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monkeypatch):
     """Only the backbone is pretrained: the random FPN trains with the head from stage 1 (BatchNorm in train
     mode, at the head's rate), never frozen with its initial statistics."""
     seen = spy_on_stages(monkeypatch)
-    summary = finetune.main(base_args(data, tmp_path) + ["--seed", "1"])
+    (tmp_path / "frozen_bn.json").write_text(json.dumps(dict(json.loads((data / "flat.json").read_text()),
+                                                             stage3_train_bn=False)))
+    args = base_args(data, tmp_path)
+    args[1] = str(tmp_path / "frozen_bn.json")
+    summary = finetune.main(args + ["--seed", "1"])
     assert seen[1]["grad"] == {"backbone": False, "fpn": True, "head": True}
     assert seen[1]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
     assert seen[1]["lrs"] == {"fpn": 2e-3, "fpn_no_decay": 2e-3, "head": 2e-3, "head_no_decay": 2e-3}
     assert seen[2]["lrs"]["fpn"] == 1e-3 and seen[2]["grad"]["backbone"] is False
     assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
     assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 2e-4
+    # stage3_train_bn false: the pretrained backbone's statistics stay frozen, the new FPN's keep learning
+    assert seen[3]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
     config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
-    assert config["init"]["pretrained"] == ["backbone"] and config["init"]["new"] == ["fpn", "head"]
+    assert config["provenance"]["pretrained"] == ["backbone"] and config["provenance"]["new"] == ["fpn", "head"]
 
 
 def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):
     captured = {}
     real = finetune.build_model
 
-    def spy(config):
-        captured["model"] = real(config)
-        return captured["model"]
+    def spy(config, *args):
+        captured["model"], provenance = real(config, *args)
+        return captured["model"], provenance
 
     monkeypatch.setattr(finetune, "build_model", spy)
     args = base_args(data, tmp_path) + ["--seed", "2"]
-    backbone = json.loads((data / "flat.json").read_text())["pretrained_backbone_path"]
+    backbone = json.loads((data / "flat.json").read_text())["init"]
     source = torch.load(backbone, weights_only=True)["backbone_state_dict"]
     zero = dict(FLAT_CONFIG, stage1_epochs=1, stage2_epochs=0, stage3_epochs=0)
-    (tmp_path / "heads_only.json").write_text(json.dumps(dict(zero, pretrained_backbone_path=backbone)))
+    (tmp_path / "heads_only.json").write_text(json.dumps(dict(zero, init=backbone)))
     args[1] = str(tmp_path / "heads_only.json")
     finetune.main(args)
     for key, value in source.items():  # backbone frozen in stage 1: still exactly the pretrained weights
@@ -190,8 +200,9 @@ def test_resume_mid_stage_equals_uninterrupted_run(data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--class-name", "zebra"], "available: whiteline, kerb"),
     (["--model-size", "tiny"], "holds a 'nano' backbone but model_size is 'tiny'"),
-    (["--img-size", "100"], "not a multiple of 32"),
+    (["--img-size", "100"], "not a positive multiple of 32"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line_and_exit_2(data, tmp_path, extra, message):
     result = subprocess.run([sys.executable, "finetune_single_class.py", *base_args(data, tmp_path), *extra],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -203,7 +214,7 @@ def test_unknown_config_key_names_the_nearest(data, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"stage1_head_lrr": 1e-3}))
     args = base_args(data, tmp_path)
     args[1] = str(tmp_path / "typo.json")
-    with pytest.raises(engine.ConfigError, match="did you mean 'stage1_head_lr'"):
+    with pytest.raises(config.ConfigError, match="did you mean 'stage1_head_lr'"):
         finetune.main(args)
 
 
@@ -220,11 +231,11 @@ def test_without_a_defined_map_there_is_no_best_model_and_the_summary_says_null(
 
 
 def test_epochs_share_the_stages_in_the_config_proportions(data, tmp_path):
-    config = finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "8"])  # FLAT_CONFIG is 1:1:2
-    assert [config[f"stage{i}_epochs"] for i in (1, 2, 3)] == [2, 2, 4]
+    resolved = finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "8"])  # FLAT_CONFIG is 1:1:2
+    assert [resolved[f"stage{i}_epochs"] for i in (1, 2, 3)] == [2, 2, 4]
     assert finetune.split_epochs(20, (10, 10, 20)) == (5, 5, 10)
     assert finetune.split_epochs(10, (0, 10, 20)) == (0, 3, 7)
-    with pytest.raises(engine.ConfigError, match="--epochs 2 is too few"):
+    with pytest.raises(config.ConfigError, match="--epochs 2 is too few"):
         finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "2"])
 
 
@@ -237,3 +248,12 @@ def test_the_best_model_carries_its_calibrated_threshold(data, tmp_path):
     with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
         row = next(csv.DictReader(f))
     assert {"precision", "recall", "f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall"} <= set(row)
+
+
+def test_full_checkpoint_accepted_as_backbone(fault_data, tmp_path):
+    source = create_lightweight_model(5, "nano", img_size=64)
+    save_checkpoint(model_checkpoint(source, [str(i) for i in range(5)]), str(tmp_path / "full.pth"))
+    config = finetune.parse_config(finetune_args(fault_data, tmp_path, **{"--pretrained-backbone": tmp_path / "full.pth"}))
+    model, _ = finetune.build_model(config, 1)
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key

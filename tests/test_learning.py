@@ -3,15 +3,17 @@
 If the assigner, the loss, the box decoding, the augmentation's box handling or the evaluation's
 coordinate mapping breaks, mAP50 collapses, which no shape check would notice.
 """
+import pytest
 import torch
 
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms
-from engine import seed_everything, train_one_epoch
+from engine import StepOptions, TrainState, seed_everything, train_one_epoch
 from evaluate import evaluate
 from losses import DetectionLoss
 from model_lightweight import create_lightweight_model
 
 
+@pytest.mark.slow
 def test_nano_fits_tiny_synthetic_set(shapes_dataset):
     seed_everything(0)
     torch.set_num_threads(2)
@@ -25,8 +27,9 @@ def test_nano_fits_tiny_synthetic_set(shapes_dataset):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=70, eta_min=1.5e-4)
     criterion = DetectionLoss()
 
-    history = [train_one_epoch(model, criterion, optimizer, loader, "cpu", epoch, scheduler=scheduler,
-                               clip_grad_norm=5.0, progress=False)["loss"] for epoch in range(70)]
+    state = TrainState(model, optimizer, scheduler)
+    history = [train_one_epoch(model, criterion, loader, state, StepOptions(clip_grad_norm=5.0), epoch,
+                               progress=False)["loss"] for epoch in range(70)]
     assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5
 
     val = CocoDetectionDataset(shapes_dataset["ann_path"], shapes_dataset["image_dir"])

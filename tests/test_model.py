@@ -1,7 +1,12 @@
 """Contracts of model_lightweight: shapes, layer groups, freezing, param groups, weight transfer, predict."""
+import os
+
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+
+import pretrain_multi_class as pretrain
+from conftest import REPO, exits_with_one_line, finetune_args, finetune_cli
 
 from model_lightweight import (MODEL_SIZES, count_macs, create_lightweight_model, load_model, model_checkpoint,
                                save_checkpoint)
@@ -217,3 +222,30 @@ def test_predict_defaults_to_the_checkpoint_threshold(tmp_path):
     del plain["conf_threshold"]
     save_checkpoint(plain, tmp_path / "plain.pth")
     assert load_model(tmp_path / "plain.pth").conf_threshold == 0.25
+
+
+def test_malicious_pickle_never_runs(fault_data, tmp_path, monkeypatch, capsys):
+    marker, evil = fault_data / "PWNED", str(fault_data / "evil.pth")
+    line = exits_with_one_line(capsys, finetune_cli(monkeypatch, finetune_args(
+        fault_data, tmp_path, **{"--pretrained-backbone": evil})))
+    assert "refused: it would run" in line and "io.open" in line and evil in line
+    line = exits_with_one_line(capsys, finetune_cli(monkeypatch, ["--resume", evil]))
+    assert "refused: it would run" in line
+    line = exits_with_one_line(capsys, lambda: pretrain.run(["--resume", evil]))
+    assert "refused: it would run" in line
+    with pytest.raises(ValueError, match="refused: it would run io.open") as error:
+        load_model(evil)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the file really is malicious: an unsafe load creates the marker
+    assert marker.exists()
+    marker.unlink()
+
+
+def test_every_torch_load_is_weights_only():
+    for name in sorted(os.listdir(REPO)):
+        if name.endswith(".py"):
+            text = open(os.path.join(REPO, name)).read()
+            for start in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
+                call = text[start:text.index(")", start) + 1]
+                assert "weights_only=True" in call, (name, call)

@@ -138,6 +138,7 @@ def test_predict_glob_single_file_formats_and_unreadable(setup, tmp_path, caplog
         predict.main(predict_args(setup, source / "broken.jpg", tmp_path / "bad"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing checkpoint", "empty folder"])
 def test_predict_cli_errors_are_one_line(setup, tmp_path, case):
     empty = tmp_path / "empty"

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import pretrain_multi_class
-from engine import ConfigError
+import pretrain_multi_class as pretrain
+from config import ConfigError
+from conftest import ENV, FAST_PRETRAIN, exits_with_one_line, write_bad_images, write_json
 from model_lightweight import create_lightweight_model
 from synthetic_data import write_coco_layout
 
@@ -53,6 +55,7 @@ def cli_run(coco_root, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output(cli_run):
     assert os.path.basename(cli_run).startswith("multi_class_")
     for name in ("checkpoints/last.pth", "checkpoints/best.pth", "checkpoints/epoch_1.pth", "checkpoints/epoch_2.pth",
@@ -67,11 +70,12 @@ def test_cli_writes_every_output(cli_run):
         for name in os.listdir(os.path.join(cli_run, folder)):
             torch.load(os.path.join(cli_run, folder, name), map_location="cpu", weights_only=True)
     last = torch.load(os.path.join(cli_run, "checkpoints", "last.pth"), weights_only=True)
-    assert last["epoch"] == 2 and last["stage"] == "pretrain" and last["class_names"] == CLASS_NAMES
+    assert last["epoch"] == 2 and last["script"] == "pretrain" and last["class_names"] == CLASS_NAMES
     config = json.load(open(os.path.join(cli_run, "config.json")))
     assert config["classes"] == CLASS_NAMES and config["epochs"] == 2 and config["weight_decay"] == 0.05
 
 
+@pytest.mark.slow
 def test_best_backbone_loads_into_fresh_model(cli_run):
     best = torch.load(os.path.join(cli_run, "checkpoints", "best.pth"), weights_only=True)
     path = os.path.join(cli_run, "backbone_weights", "best_backbone.pth")
@@ -84,11 +88,13 @@ def test_best_backbone_loads_into_fresh_model(cli_run):
     assert loaded.keys() == ema_backbone.keys()
     for key, value in ema_backbone.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
-    # best.pth's model_state_dict is the EMA, which differs from the raw weights the optimizer stepped
-    assert any(not torch.equal(v, best["train_state_dict"][k]) for k, v in best["model_state_dict"].items()
+    # the checkpoints' model_state_dict is the EMA, which differs from the raw weights the optimizer stepped
+    last = torch.load(os.path.join(cli_run, "checkpoints", "last.pth"), weights_only=True)
+    assert any(not torch.equal(v, last["train_state_dict"][k]) for k, v in last["model_state_dict"].items()
                if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_resume_continues_in_same_folder(cli_run, tmp_path):
     run_dir = str(tmp_path / os.path.basename(cli_run))
     shutil.copytree(cli_run, run_dir)  # leave the module's run untouched
@@ -160,6 +166,7 @@ def test_typed_unknown_class_is_an_error(coco_root, tmp_path):
                                    "--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_missing_coco_folder_is_one_line_and_exit_2(tmp_path):
     result = run_cli("--coco-root", str(tmp_path / "nowhere"), "--device", "cpu")
     assert result.returncode == 2
@@ -167,3 +174,30 @@ def test_missing_coco_folder_is_one_line_and_exit_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "train2017/" in lines[0] and "annotations/instances_val2017.json" in lines[0]
+
+
+@pytest.mark.slow
+def test_pretrain_cli_subprocess_is_one_line(tmp_path):
+    """The real command line (interpreter, logging set up) shows the same single line."""
+    result = subprocess.run([sys.executable, "pretrain_multi_class.py", "--coco-root", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path} is missing train2017/, val2017/, "
+                                                  f"annotations/instances_train2017.json, annotations/"
+                                                  f"instances_val2017.json; expected COCO layout: {tmp_path}/"
+                                                  f"{{train2017/, val2017/, annotations/instances_train2017.json, "
+                                                  f"annotations/instances_val2017.json}}"]
+
+
+def test_pretrain_with_unreadable_images_finishes_or_stops_clearly(tmp_path, capsys):
+    root = tmp_path / "coco"
+    write_coco_layout(str(root), ["person", "car"], num_train=8, num_val=4, img_size=64, seed=0)
+    write_bad_images(root / "train2017", sorted(os.listdir(root / "train2017"))[:2])
+    argv = ["--coco-root", str(root), "--epochs", "1", *FAST_PRETRAIN, "--output-dir", str(tmp_path / "runs")]
+    line = exits_with_one_line(capsys, lambda: pretrain.run(argv))
+    assert "2/8 training images of epoch 1 could not be read" in line
+    config = write_json(tmp_path / "c.json", {"max_bad_image_fraction": 0.3})
+    result = pretrain.main(argv + ["--config", str(config)])
+    with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["images_skipped"] == "2" and row["nonfinite_steps"] == "0"

@@ -87,6 +87,7 @@ def test_speed_script_smoke(tmp_path):
     assert "| nano |" in text and "| ssdlite320 |" in text and "| strong |" in text and "threads" in text
 
 
+@pytest.mark.slow
 def test_compiled_fused_predict_matches_eager():
     """model.fuse().compile() (predict.py --compile, speed.py's compiled column) computes what eager does."""
     model = trained_statistics_model()
@@ -105,6 +106,7 @@ def test_compiled_fused_predict_matches_eager():
     torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_speed_training_rounds_pool_the_steps_of_every_process():
     speed = load_speed()
     args = Namespace(img_size=64, batch_size=2, num_classes=3, train_steps=2, train_warmup=0, train_rounds=2)

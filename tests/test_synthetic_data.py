@@ -105,5 +105,5 @@ def test_make_synthetic_data_cli(tmp_path, capsys):
                               "--width", "64", "--height", "64"])
     assert "reused" in capsys.readouterr().out
     with pytest.raises(SystemExit) as error:
-        make_synthetic_data.main(["--out", str(tmp_path), "--kind", "whiteline", "--num-train", "0"])
+        make_synthetic_data.run(["--out", str(tmp_path), "--kind", "whiteline", "--num-train", "0"])
     assert error.value.code == 2

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
+import config
 import finetune_single_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = engine.load_json(engine.DEFAULT_CONFIG_PATH)
+DEFAULT_CONFIG = config.load_json(config.DEFAULT_CONFIG_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_three_stages_split_the_epochs_like_the_default_config(study):
     assert study.split_epochs(3, (10, 10, 20)) == (1, 1, 1)
     assert study.split_epochs(5, (10, 10, 20)) == (1, 1, 3)
     assert study.split_epochs(10, (0, 10, 20)) == (0, 3, 7)  # a recipe without stage 1 keeps it at 0
-    with pytest.raises(engine.ConfigError, match="--epochs 2 is too few for the 3-stage recipe"):
+    with pytest.raises(config.ConfigError, match="--epochs 2 is too few for the 3-stage recipe"):
         study.split_epochs(2, (10, 10, 20))
 
 
@@ -97,10 +97,12 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
     data = {key: str(tmp_path / key) for key in study.DATA_KEYS}
     for path in data.values():
         Path(path).touch()
+    from model_lightweight import create_lightweight_model, save_checkpoint
     weights = {"model_size": "nano", "pretrained": str(tmp_path / "nano.pth"),
                "pretrained_lite0": str(tmp_path / "lite0.pth"), "starts": {}}
-    Path(weights["pretrained"]).touch()
-    Path(weights["pretrained_lite0"]).touch()
+    for size in ("nano", "lite0"):
+        save_checkpoint(create_lightweight_model(3, size, imagenet_pretrained=False).backbone_checkpoint(),
+                        str(tmp_path / f"{size}.pth"))
     args = study.get_args_parser().parse_args(["--epochs", "8", "--img-size", "64", "--workers", "0", "--no-progress"])
     finetune, pretrain_rates, _ = study.load_schedule_config(None)
     configs = {}
@@ -120,41 +122,40 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
     assert (scratch["stage3_backbone_lr"], scratch["stage3_fpn_lr"], scratch["stage3_head_lr"]) == \
            (pretraining["backbone_lr"], pretraining["fpn_lr"], pretraining["head_lr"])
     assert naive["stage3_backbone_lr"] == finetuning["stage3_backbone_lr"]
-    seed_defaults = engine.load_json(study.SEED_DEFAULTS)
+    seed_defaults = config.load_json(study.SEED_DEFAULTS)
     for key in ("stage1_head_lr", "stage2_fpn_lr", "stage3_backbone_lr", "ema_ramp_iters", "stage3_train_bn"):
         assert configs["three_stage_seed"][key] == seed_defaults[key], key
-    assert scratch["no_pretrained"] and not scratch["pretrained_backbone"] and scratch["model_size"] == "nano"
+    assert scratch["init"] == "random" and scratch["model_size"] == "nano"
     for arm in study.PRETRAINED_ARMS:
-        assert configs[arm]["pretrained_backbone"] == weights["pretrained"] and configs[arm]["model_size"] == "nano"
+        assert configs[arm]["init"] == weights["pretrained"] and configs[arm]["model_size"] == "nano"
     lite0, lite0_coco = configs["lite0_imagenet"], configs["lite0_imagenet_coco"]
-    assert lite0["model_size"] == "lite0" and not lite0["pretrained_backbone"] and not lite0["no_pretrained"]
-    assert not lite0["no_imagenet"]  # starts from the package's ImageNet weights
-    assert lite0_coco["model_size"] == "lite0" and lite0_coco["pretrained_backbone"] == weights["pretrained_lite0"]
+    assert lite0["model_size"] == "lite0" and lite0["init"] == "imagenet"  # the package's ImageNet weights
+    assert lite0_coco["model_size"] == "lite0" and lite0_coco["init"] == weights["pretrained_lite0"]
     lite0_argv = study.arm_argv("lite0_imagenet_coco", 0, args, {**data, "class_name": None}, weights, "runs")
     assert lite0_argv[lite0_argv.index("--model-size") + 1] == "lite0" and "--class-name" not in lite0_argv
-    assert lite0_argv[lite0_argv.index("--pretrained-backbone") + 1] == weights["pretrained_lite0"]
+    assert lite0_argv[lite0_argv.index("--init") + 1] == weights["pretrained_lite0"]
 
 
 def test_bad_input_is_one_clear_error_before_anything_trains(study, tmp_path):
     out = ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")]
     with pytest.raises(SystemExit):  # argparse names the valid arms
         study.main(["--arms", "scratch", "fancy"] + out)
-    with pytest.raises(engine.ConfigError, match="--train-ann does not exist"):
+    with pytest.raises(config.ConfigError, match="--train-ann does not exist"):
         study.main(["--train-root", str(tmp_path), "--train-ann", str(tmp_path / "nope.json"), "--val-root",
                     str(tmp_path), "--val-ann", str(tmp_path)] + out)
-    with pytest.raises(engine.ConfigError, match="--val-root is missing"):
+    with pytest.raises(config.ConfigError, match="--val-root is missing"):
         study.main(["--train-root", str(tmp_path), "--train-ann", str(tmp_path), "--val-ann", str(tmp_path)] + out)
-    with pytest.raises(engine.ConfigError, match="--pretrained not found"):
+    with pytest.raises(config.ConfigError, match="--pretrained not found"):
         study.main(["--pretrained", str(tmp_path / "missing.pth")] + out)
-    with pytest.raises(engine.ConfigError, match="--epochs 2 is too few"):
+    with pytest.raises(config.ConfigError, match="--epochs 2 is too few"):
         study.main(["--epochs", "2"] + out)
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"stage3_backbone_lr": 2e-5, "img_size": 320}))
-    with pytest.raises(engine.ConfigError, match="sets 'img_size', which the study sets for every arm"):
-        study.main(["--config", str(config)] + out)
-    config.write_text(json.dumps({"stage3_backbone_lr": 2e-5, "stage3_backbone_rate": 1}))
-    with pytest.raises(engine.ConfigError, match="unknown config key 'stage3_backbone_rate'"):
-        study.main(["--config", str(config)] + out)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"stage3_backbone_lr": 2e-5, "img_size": 320}))
+    with pytest.raises(config.ConfigError, match="sets 'img_size', which the study sets for every arm"):
+        study.main(["--config", str(config_file)] + out)
+    config_file.write_text(json.dumps({"stage3_backbone_lr": 2e-5, "stage3_backbone_rate": 1}))
+    with pytest.raises(config.ConfigError, match="unknown config key 'stage3_backbone_rate'"):
+        study.main(["--config", str(config_file)] + out)
     assert not (tmp_path / "out").exists()
 
 
@@ -182,8 +183,8 @@ def test_micro_study_end_to_end_then_reuses_every_run(study, tmp_path):
     pretrained = result["weights"]["pretrained"]
     assert Path(pretrained).is_file() and Path(pretrained).is_relative_to(out / "runs" / "pretrain_nano")
     configs = {arm: json.loads((Path(result["run_dirs"][(arm, 0)]) / "config.json").read_text()) for arm in arms}
-    assert configs["three_stage"]["pretrained_backbone"] == configs["heads_only"]["pretrained_backbone"] == pretrained
-    assert configs["scratch"]["no_pretrained"] and not configs["scratch"]["pretrained_backbone"]
+    assert configs["three_stage"]["init"] == configs["heads_only"]["init"] == pretrained
+    assert configs["scratch"]["init"] == "random"
     # heads_only never trains backbone or FPN: they still hold the pretraining checkpoint's weights exactly
     source = torch.load(pretrained, weights_only=True)["model_state_dict"]
     heads_only = torch.load(Path(result["run_dirs"][("heads_only", 0)]) / "last_model.pth",
@@ -210,12 +211,18 @@ def test_starts_run_every_pretrained_recipe_once_per_start(study, tmp_path):
     arms = study.expand_arms(args.arms, starts)
     assert arms == ["scratch", "naive@imagenet", "naive@coco", "three_stage@imagenet", "three_stage@coco"]
     weights = {"model_size": size, "pretrained": None, "pretrained_lite0": None, "starts": starts}
-    assert study.arm_init_flags("scratch", weights) == ["--model-size", "lite0", "--no-pretrained", "--no-imagenet"]
-    assert study.arm_init_flags("naive@imagenet", weights) == ["--model-size", "lite0"]
-    assert study.arm_init_flags("three_stage@coco", weights) == ["--model-size", "lite0", "--pretrained-backbone",
-                                                                 str(coco)]
+    assert study.arm_init_flags("scratch", weights) == ["--model-size", "lite0", "--init", "random"]
+    assert study.arm_init_flags("naive@imagenet", weights) == ["--model-size", "lite0", "--init", "imagenet"]
+    assert study.arm_init_flags("three_stage@coco", weights) == ["--model-size", "lite0", "--init", str(coco)]
     finetune, rates, _ = study.load_schedule_config(None)
     assert study.arm_schedule("naive@coco", 8, finetune, rates) == study.arm_schedule("naive", 8, finetune, rates)
     bad = study.get_args_parser().parse_args(["--starts", "a=imagenet", f"b={tmp_path / 'missing.pth'}"])
-    with pytest.raises(engine.ConfigError, match="neither 'imagenet' nor a file"):
+    with pytest.raises(config.ConfigError, match="neither 'imagenet', 'starter' nor a file"):
         study.parse_starts(bad)
+
+
+def test_skip_leaves_arms_of_the_matrix_out(study, tmp_path):
+    out = ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")]
+    with pytest.raises(config.ConfigError, match="--skip naive@nowhere is not an arm of this study"):
+        study.main(["--starts", "imagenet=imagenet", "--arms", "naive", "--skip", "naive@nowhere",
+                    "--num-train", "2", "--num-val", "2", "--img-size", "64"] + out)

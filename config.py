@@ -1,0 +1,274 @@
+"""Configuration of the training scripts: where each setting comes from, what makes it valid, how a command ends.
+
+- **One source of defaults**: config_transfer_learning.json holds every training default, one section per
+  script ("pretraining", "finetuning") plus "optimization", which both read. Flags have no defaults of their
+  own; their help texts quote the file's. A missing or broken file is a one-line error.
+- **Precedence**: the file's defaults < a --config file (a copy of the file, with sections, or a flat dict of
+  the same keys) < the flags typed on the command line. On --resume the run's own config takes the place of
+  the first two, and settings that fix the architecture cannot change.
+- **Checks** fail in one line that says what is wrong and how to fix it (ConfigError); `run_cli`, the
+  command-line entry of every script, turns that into exit status 2, a run stopped by its losses into 1 and
+  Ctrl-C into 130, never a traceback.
+"""
+import argparse
+import difflib
+import json
+import logging
+import os
+import sys
+
+import torch
+
+import distributed
+
+DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_transfer_learning.json")
+AMP_DTYPES = ("bf16", "fp16")
+LR_SCALINGS = ("linear", "sqrt", "none")
+# Keys of an invocation rather than of a run: never in the file's sections, never taken from a resumed run.
+RUNTIME_DEFAULTS = {"config": None, "resume": None, "device": None, "progress": True}
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message says what and how to fix it."""
+
+
+class TrainingFailed(RuntimeError):
+    """A run that stopped on its own (e.g. non-finite losses); the message says what was kept."""
+
+
+# ---- JSON files ---------------------------------------------------------------------------------------
+def load_json(path, what="config file"):
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def write_json_atomic(data, path, indent=2):
+    """Write JSON through a temporary file and os.replace, so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent, default=str)
+    os.replace(tmp, path)
+
+
+# ---- resolution -----------------------------------------------------------------------------------------
+def config_sections(data, section):
+    """The flat settings of a config dict: "optimization" merged with `section` if the file has sections (a copy
+    of config_transfer_learning.json), else the dict itself (the flat format). Keys starting with '_' are notes."""
+    if section in data or "optimization" in data:
+        flat = {**data.get("optimization", {}), **data.get(section, {})}
+    else:
+        flat = dict(data)
+    return {k: v for k, v in flat.items() if not k.startswith("_")}
+
+
+def script_defaults(section, path=DEFAULT_CONFIG_PATH):
+    """Every valid key of a script with its default: the file's `section` and "optimization", then the
+    invocation keys (RUNTIME_DEFAULTS)."""
+    data = load_json(path, "default config")
+    if section not in data:
+        raise ConfigError(f"default config {path} has no {section!r} section; restore the file from the repository")
+    return {**config_sections(data, section), **RUNTIME_DEFAULTS}
+
+
+def check_types(values, reference, source):
+    """Refuse unknown keys (naming the nearest valid one) and values of the wrong type."""
+    for key, value in values.items():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(reference))}"
+            raise ConfigError(f"unknown config key {key!r} in {source}; {hint}")
+        expected = reference[key]
+        if expected is None or value is None:
+            continue
+        if isinstance(expected, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) == isinstance(expected, bool)
+        elif isinstance(expected, (int, float)):
+            ok = isinstance(value, (int, float)) and (isinstance(expected, float) or float(value).is_integer())
+        else:
+            # a list (of class names) may also come as "a,b,c" or as a count K
+            ok = isinstance(value, type(expected)) or (isinstance(expected, list) and isinstance(value, (str, int)))
+        if not ok:
+            raise ConfigError(f"config key {key!r} in {source} should be a {type(expected).__name__}, got {value!r}")
+
+
+def file_values(path, section, defaults):
+    """A --config file's settings for `section`, checked against `defaults`."""
+    values = config_sections(load_json(path), section)
+    check_types(values, defaults, path)
+    return values
+
+
+def resolve(parser, argv, section, defaults):
+    """defaults < --config FILE < typed flags, and which keys were typed.
+
+    `parser` is built with argument_default=argparse.SUPPRESS, so it returns the typed flags only.
+    Returns:
+        (config dict, dict of the typed flags).
+    """
+    typed = vars(parser.parse_args(argv))
+    config = dict(defaults)
+    if typed.get("config"):
+        config.update(file_values(typed["config"], section, defaults))
+    config.update(typed)
+    for key, default in defaults.items():  # JSON may say 10.0 where an int is meant (range(), epochs)
+        if type(default) is int and isinstance(config[key], float) and config[key].is_integer():
+            config[key] = int(config[key])
+    return config, typed
+
+
+def resumed(config, saved, overrides, fixed_keys, path):
+    """The config of a resumed run: its saved settings, then --config file values and typed flags (`overrides`).
+
+    Keys in `fixed_keys` shape the model or its classes and cannot change; invocation keys always come from
+    this invocation.
+    """
+    saved = {key: value for key, value in saved.items() if key not in RUNTIME_DEFAULTS}
+    for key in fixed_keys:
+        if key in overrides and _comparable(overrides[key]) != _comparable(saved.get(key)):
+            raise ConfigError(f"{key} cannot change on --resume: the run has {saved.get(key)!r}, got {overrides[key]!r}"
+                              f"; start a new run for another {key}")
+    return {**config, **saved, **overrides}
+
+
+def _comparable(value):
+    if isinstance(value, str) and "," in value:
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    return [str(v).lower() for v in value] if isinstance(value, list) else value
+
+
+# ---- checks shared by both scripts ------------------------------------------------------------------------
+def check_common(config, stride):
+    """The facts both scripts need before anything trains, each a one-line error."""
+    if config["batch_size"] < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {config['batch_size']}")
+    if config["img_size"] < stride or config["img_size"] % stride:
+        raise ConfigError(f"img_size {config['img_size']} is not a positive multiple of {stride}; "
+                          f"use {stride * max(1, round(config['img_size'] / stride))}")
+    for key, value in config.items():
+        if key.endswith("_lr") and not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key in ("max_nonfinite_steps", "print_freq"):
+        if config[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {config[key]}")
+    if not 0 <= config["max_bad_image_fraction"] <= 1:
+        raise ConfigError(f"max_bad_image_fraction must be in [0, 1], got {config['max_bad_image_fraction']}")
+    if config["weight_decay"] < 0 or not 0 < config["warmup_start_factor"] <= 1:
+        raise ConfigError("weight_decay must be >= 0 and warmup_start_factor in (0, 1]")
+    if config["lr_scaling"] not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {config['lr_scaling']!r}")
+    reference = config["lr_reference_batch_size"]
+    if reference is not None and (not isinstance(reference, int) or isinstance(reference, bool) or reference < 1):
+        raise ConfigError(f"lr_reference_batch_size must be a positive integer or null, got {reference!r}")
+    check_device(config)
+
+
+def check_device(config):
+    device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if config["sync_bn"] and not on_cuda:
+        raise ConfigError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on the CPU")
+    amp_dtype = config["amp_dtype"]
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {amp_dtype!r}")
+    if amp_dtype == "fp16" and not on_cuda:
+        raise ConfigError("--amp-dtype fp16 needs CUDA; on the CPU use bf16 (the default there)")
+    if amp_dtype == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --amp-dtype fp16")
+
+
+def check_path(config, key, kind="any"):
+    """A set path that exists ("file", "dir" or "any"), as a one-line error naming the key's flag."""
+    path = config[key]
+    if not path:
+        raise ConfigError(f"{key} is not set: pass --{key.replace('_', '-')} or put it in --config")
+    exists = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[kind]
+    if not exists(path):
+        raise ConfigError(f"{key} does not exist: {path}")
+
+
+# ---- the command-line entry -------------------------------------------------------------------------------
+def run_cli(main, argv=None, bad_input=(ConfigError,)):
+    """Call a command's main(argv) with the exit-code policy of every script: bad input (`bad_input`) is one
+    line on stderr and exit status 2, a run that stopped on its own (TrainingFailed) exit 1, Ctrl-C exit 130
+    (128 + SIGINT, the shell's convention) with the message that says how to resume; never a traceback."""
+    try:
+        return main(argv)
+    except bad_input as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as error:
+        print(str(error) or "interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        distributed.cleanup()
+
+
+def help_default(defaults, key, text):
+    """A flag's help with its effective default from config_transfer_learning.json."""
+    value = defaults.get(key)
+    shown = "none" if value is None else ",".join(map(str, value)) if isinstance(value, list) else value
+    return f"{text} (default: {shown})"
+
+
+class _InitFlag(argparse.Action):
+    """--init and its older spellings set one key; two that disagree are an error, not a silent last wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        previous = getattr(namespace, "init", None)
+        if previous is not None and previous != value:
+            parser.error(f"{option_string} {value if self.nargs != 0 else ''}".strip() + f" contradicts an earlier "
+                         f"starting-weights flag ({previous}); pass one of --init, --pretrained-backbone, "
+                         f"--no-pretrained")
+        namespace.init = value
+
+
+def add_init_flags(parser, help_text):
+    """--init (starter | imagenet | random | PATH), with the seed's spellings --pretrained-backbone PATH and
+    --no-pretrained / --no-imagenet (random weights)."""
+    parser.add_argument("--init", action=_InitFlag, help=help_text)
+    parser.add_argument("--pretrained-backbone", action=_InitFlag, metavar="PATH", help="the same as --init PATH")
+    parser.add_argument("--no-pretrained", action=_InitFlag, nargs=0, const="random",
+                        help="the same as --init random (the baseline)")
+    parser.add_argument("--no-imagenet", action=_InitFlag, nargs=0, const="random", help="the same as --init random")
+
+
+def add_run_flags(parser, defaults):
+    """Flags of the run rather than of the recipe, the same in both training scripts."""
+    def default(key, text):
+        return help_default(defaults, key, text)
+    parser.add_argument("--workers", type=int, help=default("workers", "DataLoader workers (none: per CPU count)"))
+    parser.add_argument("--output-dir", help=default("output_dir", "where run folders are created"))
+    parser.add_argument("--resume", help="a run folder, or its last checkpoint: continue that run exactly")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--seed", type=int, help=default("seed", "seed of weights, data order and augmentation"))
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    parser.add_argument("--amp-dtype", choices=AMP_DTYPES, help="autocast dtype with --amp")
+    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    parser.add_argument("--print-freq", type=int, help=default("print_freq", "TensorBoard scalars every N steps"))
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+
+
+def script_logging():
+    """A script's command-line output: INFO lines on stderr from rank 0, warnings from the others. Only main()
+    calls it; the Python API leaves logging as its caller configured it."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", force=True)
+
+
+def argument_parser(doc):
+    """The scripts' parser: only typed flags come back (argparse.SUPPRESS), so that they override the file."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   argument_default=argparse.SUPPRESS)

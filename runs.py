@@ -1,0 +1,409 @@
+"""A training run's folder and records, the same for both scripts: where a run writes, what it writes at the end of
+every epoch, and how it resumes.
+
+    RUN/config.json      the resolved config, with the provenance of the starting weights
+    RUN/metrics.csv      one row per epoch, the same columns in both scripts (epoch_record)
+    RUN/summary.json     the best epoch, its metrics and calibrated score threshold, the last epoch, the files
+    RUN/tensorboard/     the same numbers per epoch; losses, rates and gradient norms per iteration; val images
+    checkpoints          `last` every epoch (resumable), `best` on a new best val mAP (the EMA weights, with the
+                         validation best-F1 threshold that predict() then defaults to); where, the script's layout
+
+Only rank 0 keeps a Run; every write is atomic, so a crash never leaves half a file and `last` always holds
+whole epochs.
+"""
+import csv
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import time
+
+import torch
+
+import distributed
+import engine
+from config import ConfigError, file_values, resumed, write_json_atomic
+from evaluate import evaluate
+from losses import DetectionLoss
+from model_lightweight import DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, model_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Rank 0's side of a training run: its folder, settings, logs and what it has written so far."""
+    run_dir: str
+    config: dict
+    class_names: list
+    layout: dict  # file kind -> path relative to run_dir: "last", "best", optionally "last_backbone",
+    #               "best_backbone" and "snapshot" (with {epoch})
+    script: str  # "pretrain" or "finetune": checked when a checkpoint is resumed
+    writer: object = None
+    log: "MetricsLog" = None
+    best_map: float = None
+    last_saved_epoch: int = None
+    summary: dict = dataclasses.field(default_factory=dict)
+
+    def path(self, kind, **fields):
+        return os.path.join(self.run_dir, self.layout[kind].format(**fields))
+
+
+# ---- starting and resuming --------------------------------------------------------------------------------
+def create_run_dir(output_dir, name):
+    """output_dir/name_YYYYmmdd_HHMMSS, with a numeric suffix if that exists: runs never collide."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    base = os.path.join(output_dir, f"{name}_{stamp}")
+    path, suffix = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = f"{base}_{suffix}"
+
+
+def run_dir_of(checkpoint_path, layout):
+    """The run folder a `last` checkpoint of `layout` lies in (checkpoints/last.pth -> its grandparent)."""
+    depth = len(os.path.normpath(layout["last"]).split(os.sep))
+    run_dir = os.path.abspath(checkpoint_path)
+    for _ in range(depth):
+        run_dir = os.path.dirname(run_dir)
+    return run_dir
+
+
+def load_resume(config, typed, section, defaults, layout, script, fixed_keys):
+    """The config and checkpoint of a --resume: RUN or its `last` checkpoint, the run's own settings with a
+    --config file and typed flags over them (those in `fixed_keys` cannot change).
+
+    Returns:
+        (config, checkpoint); (config, None) without --resume.
+    """
+    if not config["resume"]:
+        return config, None
+    path = config["resume"]
+    if os.path.isdir(path):
+        path = os.path.join(path, layout["last"])
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume checkpoint not found: {path}")
+    checkpoint = engine.load_training_checkpoint(path)
+    written_by = checkpoint.get("script", "pretrain" if checkpoint.get("stage") == "pretrain" else "finetune")
+    if written_by != script:
+        raise ConfigError(f"{path} is a {written_by} checkpoint, not a {script} one; resume it with its own script")
+    folder = os.path.dirname(layout["last"])
+    if folder and os.path.basename(os.path.dirname(os.path.abspath(path))) != folder:
+        raise ConfigError(f"--resume expects RUN/{layout['last']} (or RUN), got {path}")
+    overrides = {**(file_values(typed["config"], section, defaults) if typed.get("config") else {}), **typed}
+    config = resumed(config, checkpoint["config"], overrides, fixed_keys, path)
+    config["resume"] = path
+    return config, checkpoint
+
+
+def check_not_finished(checkpoint, total_epochs, path):
+    """Never overwrite a finished run: resuming needs epochs left to train."""
+    if checkpoint is not None and checkpoint["epoch"] >= total_epochs:
+        raise ConfigError(f"{path} already finished {checkpoint['epoch']} of {total_epochs} epochs; pass --epochs "
+                          f"larger than {checkpoint['epoch']} to train on")
+
+
+def open_run(config, class_names, layout, script, name, checkpoint=None):
+    """Rank 0: a new folder OUTPUT_DIR/<name>_<stamp>, or the resumed run's own; config.json, TensorBoard and
+    metrics.csv (rows after the checkpoint's epoch dropped: they are trained again)."""
+    if checkpoint is None:
+        run_dir = create_run_dir(config["output_dir"], name)
+    else:
+        run_dir = run_dir_of(config["resume"], layout)
+        logger.info("resumed from %s at epoch %d", config["resume"], checkpoint["epoch"] + 1)
+    write_json_atomic(config, os.path.join(run_dir, "config.json"))
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; only rank 0 needs it
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    done = checkpoint["epoch"] if checkpoint else 0
+    run = Run(run_dir, config, list(class_names), layout, script, writer, MetricsLog(run_dir, writer, done))
+    if checkpoint is not None:
+        run.best_map, run.last_saved_epoch = checkpoint.get("best_map"), checkpoint["epoch"]
+        run.summary = checkpoint.get("summary") or {}
+        if run.best_map is not None and not math.isfinite(run.best_map):  # runs before None meant "no best yet"
+            run.best_map = None
+    return run
+
+
+# ---- an epoch ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Session:
+    """What the epoch loop of either script touches, on every rank: `run` is rank 0's (None elsewhere) and
+    `train_model` is the model or the DistributedDataParallel wrapper that steps it."""
+    config: dict
+    state: engine.TrainState
+    loader: object
+    val_dataset: object
+    criterion: object
+    run: Run = None
+    train_model: object = None
+    stop: str = None  # why the run stopped early (patience), once it has
+
+
+def setup_process(config, script_file, argv):
+    """This process's device (joining torchrun's process group, if any) and its seed. Plain `python` on a machine
+    with several GPUs and no --device is refused with the torchrun command that uses them all."""
+    hint = None if config["device"] else distributed.torchrun_hint(script_file, list(argv or []))
+    if hint:
+        raise ConfigError(hint)
+    device = distributed.init_distributed(config["device"])
+    engine.seed_everything(distributed.rank_seed(config["seed"]))
+    return device
+
+
+def new_session(config, model, loader, val_dataset, run, device):
+    """The model on its device (SyncBatchNorm, rank 0's weights on every rank), its EMA and GradScaler, the loss."""
+    model = model.to(device)
+    if config["sync_bn"]:
+        model = distributed.convert_sync_batchnorm(model)
+    distributed.broadcast_model(model)  # every rank starts from rank 0's random layers
+    state = engine.TrainState(model, ema=engine.build_ema(model, config["ema_decay"], config["ema_ramp_iters"]),
+                              scaler=engine.build_grad_scaler(device, config["amp"], config["amp_dtype"]))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size
+    return Session(config, state, loader, val_dataset, DetectionLoss(), run, model)
+
+
+def lr_scale(config):
+    """engine.lr_scale_factor for this run's global batch, logged once."""
+    world_size = distributed.get_world_size()
+    scale = engine.lr_scale_factor(config["lr_scaling"], config["batch_size"], world_size,
+                                   config["lr_reference_batch_size"])
+    logger.info("%d process(es) x batch %d = global batch %d; learning rates x %.3g (%s scaling)", world_size,
+                config["batch_size"], world_size * config["batch_size"], scale, config["lr_scaling"])
+    return scale
+
+
+def train_epoch(session, stage, epoch, total_epochs, evaluated=True):
+    """Train one epoch (the data order seeded by seed + epoch, so a resumed run repeats it), then rank 0 evaluates,
+    logs and saves while the other ranks wait. Returns the evaluation's metrics on rank 0, else None."""
+    config, loader = session.config, session.loader
+    loader.generator.manual_seed(distributed.rank_seed(config["seed"] + epoch))
+    distributed.set_epoch(loader, epoch)
+    started = time.perf_counter()
+    train_metrics = engine.train_one_epoch(
+        session.train_model, session.criterion, loader, session.state, engine.StepOptions.from_config(config), epoch,
+        session.run.writer if session.run else None, config["progress"] and session.run is not None,
+        f"stage {stage['index']} ({stage['name']}) epoch {epoch}/{total_epochs}")
+    engine.check_skipped_images(train_metrics, loader, config["max_bad_image_fraction"], epoch)
+    if distributed.get_world_size() > 1:
+        logger.info("epoch %d data shards: %s", epoch, distributed.describe_shards(train_metrics["image_ids"]))
+    metrics = None
+    if session.run is not None:
+        metrics = finish_epoch(session.run, session.state, stage, epoch, train_metrics, session.val_dataset, started,
+                               evaluated)
+    distributed.barrier()  # the other ranks wait while rank 0 evaluates and writes
+    return metrics
+
+
+# ---- the end of an epoch ------------------------------------------------------------------------------------
+def finish_epoch(run, state, stage, epoch, train_metrics, val_dataset, started, evaluated=True):
+    """Rank 0's end of an epoch: evaluate the EMA, log the row, write the checkpoints and the summary.
+
+    Returns the evaluation's metrics, or None when this epoch is not evaluated.
+    """
+    config = run.config
+    model = state.ema.module
+    metrics = (evaluate(model, val_dataset, conf_threshold=config["conf_threshold"], num_workers=config["workers"])
+               if evaluated else None)
+    is_best = metrics is not None and math.isfinite(metrics["mAP"]) and (run.best_map is None
+                                                                        or metrics["mAP"] > run.best_map)
+    if is_best:
+        run.best_map = metrics["mAP"]
+    row = epoch_record(epoch, stage, train_metrics, state.optimizer, metrics, run.best_map,
+                       time.perf_counter() - started)
+    run.log.log(row, epoch)
+    if evaluated:
+        log_validation_images(run.writer, model, val_dataset, epoch, run.class_names)
+    logger.info(epoch_line(row, config, is_best))
+    if is_best:
+        threshold = calibrated_threshold(metrics)
+        run.summary.update(best_epoch=epoch, best_stage=stage["index"], best_stage_name=stage["name"],
+                           conf_threshold=threshold,
+                           best_metrics={k: v for k, v in metrics.items() if k != "per_class_AP"})
+    run.summary.update(run_dir=run.run_dir, last_epoch=epoch, last_metrics=row)
+    save_epoch(run, state, stage, epoch, metrics, is_best)
+    write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
+    return metrics
+
+
+def calibrated_threshold(metrics):
+    """The validation best-F1 score threshold, which predict() then defaults to; DEFAULT_CONF_THRESHOLD when
+    no threshold found a true positive."""
+    return metrics["best_f1_threshold"] if metrics["best_f1"] > 0 else DEFAULT_CONF_THRESHOLD
+
+
+def save_epoch(run, state, stage, epoch, metrics, is_best):
+    """`last` (and its backbone) every epoch, a snapshot every save_interval, `best` (and its backbone) on a new
+    best mAP; the best and backbone files hold the EMA weights, which were scored."""
+    metadata = {"epoch": epoch, "stage": stage["index"], "stage_name": stage["name"], "script": run.script}
+    checkpoint = engine.training_checkpoint(state, run.class_names, run.config, best_map=run.best_map,
+                                            summary=run.summary, **metadata)
+    save_checkpoint(checkpoint, run.path("last"))
+    run.last_saved_epoch = epoch
+    interval = run.config.get("save_interval")
+    if "snapshot" in run.layout and interval and epoch % interval == 0:
+        save_checkpoint(checkpoint, run.path("snapshot", epoch=epoch))
+    backbone = None
+    if "last_backbone" in run.layout:
+        backbone = state.ema.module.backbone_checkpoint(class_names=run.class_names, epoch=epoch,
+                                                        mAP=metrics["mAP"] if metrics else None)
+        save_checkpoint(backbone, run.path("last_backbone"))
+    if is_best:
+        best = model_checkpoint(state.ema.module, run.class_names, config=engine.json_safe(run.config),
+                                metrics=run.summary["best_metrics"], conf_threshold=run.summary["conf_threshold"],
+                                **metadata)
+        save_checkpoint(best, run.path("best"))
+        if backbone is not None:
+            save_checkpoint(backbone, run.path("best_backbone"))
+
+
+def close_run(run, names):
+    """The summary with the files' paths under `names` ({layout kind: summary key}; null for a file never
+    written), written once more; TensorBoard closed."""
+    run.writer.close()
+    for kind, name in names.items():
+        path = run.path(kind)
+        run.summary[name] = path if os.path.isfile(path) else None
+    if not os.path.isfile(run.path("best")):
+        logger.warning("no epoch had a defined mAP (no validation boxes?), so there is no %s", run.layout["best"])
+    write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
+    return run.summary
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint holds the work and how to resume."""
+
+
+class faults:
+    """Around a script's epoch loop: Ctrl-C becomes TrainingInterrupted with the resume command, and a run stopped
+    by non-finite losses says which checkpoint keeps the last good epoch. `last` is written atomically at the end
+    of every epoch, so it always holds whole epochs and the resume is exact. `run` is None on ranks > 0."""
+
+    def __init__(self, run, script_file):
+        self.run, self.script_file = run, script_file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        run = self.run
+        if run is None or kind is None or not issubclass(kind, (KeyboardInterrupt, engine.NonFiniteLossError)):
+            return False
+        run.writer.close()
+        done, last = run.last_saved_epoch, run.path("last")
+        if issubclass(kind, engine.NonFiniteLossError):
+            kept = (f"{last} keeps the last good epoch ({done})" if done is not None
+                    else "no epoch finished, so nothing was saved")
+            raise engine.NonFiniteLossError(f"{error}; {kept}") from None
+        if done is None:
+            raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume, start the "
+                                      "run again") from None
+        raise TrainingInterrupted(f"interrupted in epoch {done + 1}; {last} holds epoch {done} (the unfinished "
+                                  f"epoch is trained again on resume); resume with: python {self.script_file} "
+                                  f"--resume {run.run_dir}") from None
+
+
+# ---- records ---------------------------------------------------------------------------------------------------
+METRIC_COLUMNS = ("mAP", "mAP50", "mAP75", "precision", "recall", "f1", "best_f1", "best_f1_threshold",
+                  "best_f1_precision", "best_f1_recall")
+
+
+def epoch_record(epoch, stage, train_metrics, optimizer, metrics, best_map, epoch_time):
+    """One metrics.csv row: the same columns for both scripts (metrics left empty on an epoch not evaluated)."""
+    row = {"epoch": epoch, "stage": stage["index"], "stage_name": stage["name"]}
+    row.update({k: v for k, v in train_metrics.items() if k.startswith("loss")})
+    row.update({k: train_metrics.get(k, 0) for k in ("nonfinite_steps", "scaler_skips", "images_skipped")})
+    for group in LAYER_GROUPS:  # one rate per layer group (its no-decay twin has the same); empty when frozen
+        rates = [g["lr"] for g in optimizer.param_groups if g.get("layer_group") == group]
+        row[f"lr_{group}"] = rates[0] if rates else ""
+    row.update({k: metrics[k] if metrics else "" for k in METRIC_COLUMNS})
+    row.update(best_mAP=best_map if best_map is not None else "",
+               images_per_second=train_metrics["images_per_second"], epoch_time=epoch_time)
+    return {k: float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for k, v in row.items()}
+
+
+def epoch_line(row, config, is_best):
+    """'epoch 3 (stage 1, heads): loss 1.23 (cls 0.12, box 0.55) | mAP 0.12 mAP50 0.45 | P/R/F1 ... | 12 img/s'."""
+    text = (f"epoch {row['epoch']} (stage {row['stage']}, {row['stage_name']}): loss {row['loss']:.4f} "
+            f"(cls {row['loss_cls']:.4f}, box {row['loss_box']:.4f})")
+    if row["mAP"] != "":
+        text += (f" | mAP {row['mAP']:.4f} mAP50 {row['mAP50']:.4f}{' (best)' if is_best else ''} | P/R/F1 "
+                 f"{row['precision']:.3f}/{row['recall']:.3f}/{row['f1']:.3f} at {config['conf_threshold']:g}, "
+                 f"{row['best_f1_precision']:.3f}/{row['best_f1_recall']:.3f}/{row['best_f1']:.3f} at "
+                 f"{row['best_f1_threshold']:.3f} (best F1)")
+    return text + f" | {row['images_per_second']:.1f} img/s, {row['epoch_time']:.1f} s"
+
+
+class MetricsLog:
+    """One row per epoch in metrics.csv (rewritten atomically, so a resumed run never duplicates an epoch) and
+    the same numbers in TensorBoard."""
+
+    def __init__(self, run_dir, writer=None, keep_until=None):
+        """keep_until: on resume, the checkpoint's epoch; rows of later epochs are dropped at once."""
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self.writer = writer
+        self.rows = []
+        if os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        if keep_until is not None and any(int(r["epoch"]) > keep_until for r in self.rows):
+            self.rows = [r for r in self.rows if int(r["epoch"]) <= keep_until]
+            self._write()
+
+    def log(self, row, step):
+        self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]
+        self._write()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
+
+    def _write(self):
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def log_validation_images(writer, model, dataset, step, class_names, num_images=4, conf_threshold=0.3):
+    """Draw the model's boxes (green) and the ground truth (red) on the first val images for TensorBoard."""
+    from torchvision.utils import draw_bounding_boxes
+    count = min(num_images, len(dataset))
+    if writer is None or count == 0:
+        return
+    images, targets = zip(*(dataset[i] for i in range(count)))
+    predictions = model.predict(list(images), conf_threshold=conf_threshold)
+    for i, (image, target, prediction) in enumerate(zip(images, targets, predictions)):
+        canvas = image
+        if len(target["boxes_xyxy"]):
+            canvas = draw_bounding_boxes(canvas, target["boxes_xyxy"], colors="red")
+        if len(prediction["boxes"]):
+            labels = [f"{class_names[int(label)]} {score:.2f}"
+                      for label, score in zip(prediction["labels"], prediction["scores"])]
+            canvas = draw_bounding_boxes(canvas, prediction["boxes"].cpu(), labels=labels, colors="lime")
+        writer.add_image(f"val/image_{i}", canvas, step)
+
+
+def describe_trainable(model):
+    """One line with trainable and frozen parameter counts per layer group."""
+    parts = []
+    for group in LAYER_GROUPS:
+        params = list(getattr(model, group).parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        parts.append(f"{group} {trainable / 1e6:.3f}M trainable / {sum(p.numel() for p in params) / 1e6:.3f}M")
+    return "; ".join(parts)
+
+
+def stage_writer_note(run, stage):
+    """A TensorBoard text marking where a stage starts."""
+    if run is not None:
+        run.writer.add_text("stages", f"stage {stage['index']} ({stage['name']}) starts at epoch "
+                                      f"{stage['first_epoch']}", stage["first_epoch"])
