@@ -156,6 +156,8 @@ def check_common(config, stride):
     for key in ("max_nonfinite_steps", "print_freq"):
         if config[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {config[key]}")
+    if config["patience"] is not None and config["patience"] < 1:
+        raise ConfigError(f"patience must be >= 1 (or null: never stop early), got {config['patience']}")
     if not 0 <= config["max_bad_image_fraction"] <= 1:
         raise ConfigError(f"max_bad_image_fraction must be in [0, 1], got {config['max_bad_image_fraction']}")
     if config["weight_decay"] < 0 or not 0 < config["warmup_start_factor"] <= 1:
@@ -182,6 +184,34 @@ def check_device(config):
         raise ConfigError("--amp-dtype fp16 needs CUDA; on the CPU use bf16 (the default there)")
     if amp_dtype == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; use --amp-dtype fp16")
+
+
+def add_data_flags(parser, defaults):
+    """The data flags of both scripts: annotations in any format (annotations.py) and an optional validation set."""
+    parser.add_argument("--train-ann", help="training annotations: a COCO JSON, a Pascal VOC folder (XML), a YOLO "
+                                            "data.yaml or labels folder")
+    parser.add_argument("--train-root", help="training images folder (COCO JSON; VOC and YOLO find theirs)")
+    parser.add_argument("--val-ann", help="validation annotations, any format (none: --val-fraction of the "
+                                          "training images, or a data.yaml's val)")
+    parser.add_argument("--val-root", help="validation images folder")
+    parser.add_argument("--val-fraction", type=float, help=help_default(
+        defaults, "val_fraction", "without a validation set: the share of training images held out, chosen by a "
+                                  "hash of their paths (the run's split.json)"))
+
+
+def check_data(config, explicit):
+    """Annotations that exist, a validation fraction in (0, 1), and not both a validation set and a fraction."""
+    check_path(config, "train_ann")
+    for key in ("train_root", "val_ann", "val_root"):
+        if config[key]:
+            check_path(config, key)
+    if config["val_root"] and not config["val_ann"]:
+        raise ConfigError("val_root is set but val_ann is not: pass --val-ann with it, or neither (then --val-fraction "
+                          "of the training images validates)")
+    if not 0 < config["val_fraction"] < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {config['val_fraction']}")
+    if config["val_ann"] and "val_fraction" in explicit:
+        raise ConfigError("both a validation set (--val-ann) and --val-fraction were given; pass one of them")
 
 
 def check_path(config, key, kind="any"):
@@ -257,6 +287,8 @@ def add_run_flags(parser, defaults):
     parser.add_argument("--amp-dtype", choices=AMP_DTYPES, help="autocast dtype with --amp")
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     parser.add_argument("--print-freq", type=int, help=default("print_freq", "TensorBoard scalars every N steps"))
+    parser.add_argument("--patience", type=int, help=default("patience", "stop when val mAP has not improved for N "
+                                                                         "epochs"))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
 
 

@@ -1,4 +1,4 @@
-"""COCO-format detection data: image loading, the dataset, transform presets, collate and loaders.
+"""Detection data: image loading, the dataset, train/val sets, transform presets, collate and loaders.
 
 A dataset item is ``(image, target)`` with ``target = {"boxes_xyxy", "labels", "image_id", "orig_size"}``;
 labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]`` maps back to the COCO
@@ -6,15 +6,16 @@ labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]`` m
 to ``xyxy``, clipped and sanitised once at init [tv-ref ``coco_utils``]; every later box change (resize,
 crop, pad, flip) is done by ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes``.
 
-Inspect a data set before training on it:
+Annotations come in any format annotations.py reads (COCO JSON, Pascal VOC, YOLO). Inspect a data set before
+training on it, or write it as one COCO JSON:
 
     python dataset_coco.py --ann data/annotations/instances_val2017.json --root data/val2017
-    python dataset_coco.py --ann ann.json --root images --class-name person --img-size 320
+    python dataset_coco.py --ann kangaroo/annots --class-name kangaroo --img-size 320     # Pascal VOC
+    python dataset_coco.py --ann roads/data.yaml --to-coco roads_train.json               # YOLO -> COCO JSON
 """
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from annotations import (EXIF_ORIENTATION, FORMATS, hash_split, index_coco, read_annotations, read_coco_json, read_yaml_entry,
+                         subset, write_coco)
 from config import run_cli
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,38 @@ def resolve_image_path(root, file_name):
     return None, tried
 
 
+def load_train_val(train_ann, train_root=None, val_ann=None, val_root=None, val_fraction=0.2, split=None):
+    """The training and validation records (COCO dicts with their image roots) of a run.
+
+    Without a validation set (no `val_ann`, and no val entry in a YOLO data.yaml) a part of the training
+    annotations is held out: `split` (a run's split.json, on resume) or else `val_fraction` of the images, chosen
+    by a hash of each path (annotations.hash_split), so adding images never moves an old one across the split.
+
+    Returns:
+        ((train dict, root), (val dict, root), the split record {"val_fraction", "train", "val"} or None).
+    """
+    train, train_root, kind = read_annotations(train_ann, train_root, "train")
+    if val_ann is None and kind == "yolo" and os.path.isfile(train_ann):
+        val_ann = train_ann if read_yaml_entry(train_ann, "val") else None
+    if val_ann is not None:
+        val, val_root, _ = read_annotations(val_ann, val_root, "val")
+        return (_named(train, train_ann), train_root), (_named(val, val_ann), val_root), None
+    if split is None:
+        train_names, val_names = hash_split(train, val_fraction)
+        split = {"val_fraction": val_fraction, "source": str(train_ann), "train": train_names, "val": val_names}
+    if not split["val"] or not split["train"]:
+        raise ValueError(f"--val-fraction {val_fraction} of the {len(train['images'])} images of {train_ann} leaves "
+                         f"{len(split['train'])} to train on and {len(split['val'])} to validate on; use another "
+                         f"fraction or pass a validation set (--val-ann)")
+    parts = [_named(subset(train, set(split[part])), f"{train_ann} ({part} part, {len(split[part])} images)")
+             for part in ("train", "val")]
+    return (parts[0], train_root), (parts[1], train_root), split
+
+
+def _named(data, source):
+    return {**data, "info": {"source": str(source)}}
+
+
 def coco_layout_paths(coco_root):
     """Paths of COCO 2017's own layout under ``coco_root`` (see ``COCO_LAYOUT``).
 
@@ -138,59 +172,20 @@ def coco_layout_paths(coco_root):
 
 # --------------------------------------------------------------------------------------------- dataset
 
-COCO_FIELDS = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
-               "categories": ("id", "name")}
-
-
 def load_coco_json(path):
-    """Read and check a COCO instances file.
-
-    Returns:
-        pycocotools ``COCO`` indexed over the file's dict.
-    Raises:
-        FileNotFoundError or ValueError, one line naming the file, the problem and where.
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"annotation file {path} is not JSON ({error}); pass a COCO instances file") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"annotation file {path} holds a JSON {type(data).__name__}, not a COCO dict with "
-                         f"images, annotations and categories")
-    missing = [key for key in COCO_FIELDS if key not in data]
-    if missing:
-        raise ValueError(f"annotation file {path} is not COCO: it lacks {', '.join(missing)} (a COCO instances "
-                         f"file has images, annotations and categories lists; found keys {sorted(data)[:8]})")
-    for key, fields in COCO_FIELDS.items():
-        if not isinstance(data[key], list):
-            raise ValueError(f"annotation file {path}: {key!r} must be a list, got a {type(data[key]).__name__}")
-        for index, entry in enumerate(data[key]):
-            absent = [field for field in fields if not isinstance(entry, dict) or field not in entry]
-            if absent:
-                raise ValueError(f"annotation file {path}: {key}[{index}] lacks {', '.join(absent)} "
-                                 f"(each entry needs {', '.join(fields)})")
-    fill_coco_defaults(data)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
+    """Read and check a COCO instances file: pycocotools ``COCO`` indexed over its dict (one-line errors)."""
+    return index_coco(read_coco_json(path), path)
 
 
-def fill_coco_defaults(data):
-    """Fill what a COCO file may leave out but COCOeval reads, in place: ``iscrowd`` 0 and ``area`` = box
-    width x height (COCO's own area is the mask's; for boxes only, the box's)."""
-    for ann in data["annotations"]:
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            bbox = ann.get("bbox")
-            valid = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-            ann["area"] = float(bbox[2] * bbox[3]) if valid else 0.0
-    return data
+def turn_to_displayed(annotations, orientation, width, height):
+    """Turn xywh boxes of a photo's stored W x H frame into its displayed frame, in place: EXIF orientations 5-8,
+    as PIL's exif_transpose turns the pixels (transpose, 90 degrees clockwise, transverse, 90 anticlockwise)."""
+    corner = {5: lambda x, y: (y, x), 6: lambda x, y: (height - y, x), 7: lambda x, y: (height - y, width - x),
+              8: lambda x, y: (y, width - x)}[orientation]
+    for ann in annotations:
+        x, y, w, h = ann["bbox"]
+        (x0, y0), (x1, y1) = corner(x, y), corner(x + w, y + h)
+        ann["bbox"] = [min(x0, x1), min(y0, y1), abs(x1 - x0), abs(y1 - y0)]
 
 
 def _select_categories(coco, classes):
@@ -261,8 +256,10 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     """COCO-format detection dataset with contiguous labels over a chosen subset of categories.
 
     Args:
-        ann_file: COCO instances JSON.
-        image_root: folder the JSON's ``file_name`` entries are relative to (see ``resolve_image_path``).
+        ann_file: annotations in any format annotations.py reads (a COCO JSON, a Pascal VOC folder, a YOLO
+            data.yaml or labels folder), or a COCO-format dict of records (its "info" "source" names it).
+        image_root: folder the ``file_name`` entries are relative to (see ``resolve_image_path``); None lets a
+            VOC or YOLO reader find it.
         classes: None (all categories, in category-id order), a list of names (that order,
             case-insensitive), or an int K (the K most frequent by non-crowd annotations, ties by id).
         transforms: None, or a v2 callable ``(Image, {"boxes": BoundingBoxes, "labels"}) -> same``,
@@ -277,17 +274,22 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         stats: counters of what init kept, clipped and dropped (see ``dataset_report``).
     """
 
-    def __init__(self, ann_file, image_root, classes=None, transforms=None, include_empty=True,
+    def __init__(self, ann_file, image_root=None, classes=None, transforms=None, include_empty=True,
                  max_missing_fraction=0.05):
-        self.ann_file, self.image_root = str(ann_file), str(image_root)
+        if isinstance(ann_file, dict):
+            data, self.ann_file = ann_file, str(ann_file.get("info", {}).get("source", "annotations"))
+        else:
+            data, image_root, _ = read_annotations(ann_file, image_root)
+            self.ann_file = str(ann_file)
+        self.image_root = str(image_root)
         self.transforms, self.include_empty = transforms, include_empty
-        self.coco = load_coco_json(self.ann_file)
+        self.coco = index_coco(data, self.ann_file)
         try:
             self.category_ids, self.class_names = _select_categories(self.coco, classes)
         except ValueError as error:
             raise ValueError(f"{self.ann_file}: {error}") from None
         self.stats = dict.fromkeys(
-            ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty",
+            ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty", "images_turned",
              "annotations_total", "annotations_other_classes", "crowd_ignored", "boxes_kept", "boxes_clipped",
              "boxes_dropped", "boxes_dropped_invalid", "boxes_dropped_degenerate"), 0)
         image_ids, image_paths = self._find_images(max_missing_fraction)
@@ -323,22 +325,40 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return image_ids, image_paths
 
     def _image_size(self, image_id, path):
+        """(H, W) as displayed. A photo that EXIF turns a quarter (orientations 5-8) but whose annotations give its
+        stored size was annotated in the stored frame: its boxes are turned with it (`turn_to_displayed`)."""
         info = self.coco.imgs[image_id]
-        if info.get("height") and info.get("width"):
-            return int(info["height"]), int(info["width"])
         try:
-            with Image.open(path) as img:  # header only; the JSON lacks the size
-                width, height = ImageOps.exif_transpose(img).size
+            with Image.open(path) as img:  # the header only
+                stored_w, stored_h = img.size
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         except (OSError, UnidentifiedImageError) as error:
+            if info.get("height") and info.get("width"):
+                return int(info["height"]), int(info["width"])  # unreadable now: skipped when loaded
             raise ValueError(f"{self.ann_file} gives no width/height for {path}, and it cannot be read as an "
-                             f"image ({error}); add the size to the JSON or fix the file") from None
-        return height, width
+                             f"image ({error}); add the size to the annotations or fix the file") from None
+        turned = orientation in (5, 6, 7, 8)
+        displayed = (stored_w, stored_h) if not turned else (stored_h, stored_w)
+        given = (int(info.get("width") or 0), int(info.get("height") or 0))
+        if turned and given == (stored_w, stored_h) and given != displayed:
+            turn_to_displayed(self.coco.imgToAnns.get(image_id, []), orientation, stored_w, stored_h)
+            info["width"], info["height"] = displayed
+            self.stats["images_turned"] += 1
+        elif given[0] and given[1]:
+            return given[1], given[0]
+        return displayed[1], displayed[0]
 
     def _index_annotations(self, image_ids, image_paths):
         # Boxes of all images live in a few flat numpy arrays (not one tensor per image): lists of Python
         # objects get copied into every DataLoader worker on access (pytorch/pytorch#13246).
         sizes = np.array([self._image_size(i, p) for i, p in zip(image_ids, image_paths)],
                          dtype=np.int64).reshape(-1, 2)  # (num_images, 2) = (H, W)
+        if self.stats["images_turned"]:
+            logger.warning("%s: %d EXIF-rotated photos are annotated in their stored (unrotated) frame; their boxes "
+                           "were turned with the image, as it is displayed and trained on", self.ann_file,
+                           self.stats["images_turned"])
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()  # COCOeval scores the turned boxes, as the model predicts them
         label_of = {category_id: label for label, category_id in enumerate(self.category_ids)}
         selected, image_index, labels = [], [], []
         for index, image_id in enumerate(image_ids):
@@ -625,10 +645,13 @@ def report_warnings(dataset, img_size, per_class, tiny_side=8):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Report on a COCO-format detection data set.",
+    parser = argparse.ArgumentParser(description="Report on a detection data set, or write it as COCO JSON.",
                                      epilog=COCO_LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ann", required=True, help="COCO instances JSON")
-    parser.add_argument("--root", required=True, help="folder the JSON's file_name entries are relative to")
+    parser.add_argument("--ann", required=True, help="a COCO JSON, a Pascal VOC folder, a YOLO data.yaml or labels "
+                                                     "folder")
+    parser.add_argument("--root", help="the images' folder (needed for COCO JSON; VOC and YOLO find theirs)")
+    parser.add_argument("--split", default="train", choices=("train", "val"), help="a data.yaml's split")
+    parser.add_argument("--to-coco", metavar="OUT.json", help="write the annotations as one COCO instances JSON")
     parser.add_argument("--class-name", action="append", default=None,
                         help="keep only this class (repeat for several); default: all")
     parser.add_argument("--img-size", type=int, default=320, help="model input side for the size bands")
@@ -641,9 +664,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.img_size < 1:
         raise ValueError(f"--img-size must be >= 1, got {args.img_size}")
-    dataset = CocoDetectionDataset(args.ann, args.root, classes=args.class_name)
-    report = dataset_report(dataset, args.img_size)
+    data, root, kind = read_annotations(args.ann, args.root, args.split)
+    dataset = CocoDetectionDataset({**data, "info": {"source": args.ann}}, root, classes=args.class_name)
+    report = f"format: {FORMATS[kind]}\n" + dataset_report(dataset, args.img_size)
     print(report)
+    if args.to_coco:
+        write_coco(dataset.coco.dataset, args.to_coco)
+        print(f"wrote {args.to_coco}: {len(data['images'])} images, {len(data['annotations'])} boxes; its images "
+              f"are under {root}")
     return report
 
 

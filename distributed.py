@@ -145,6 +145,15 @@ def reduce_mean(values):
     return dict(zip(keys, stacked / get_world_size()))
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a picklable object); `value` itself when single-process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def describe_shards(image_ids):
     """'4 + 4 images on 2 ranks, 8 distinct': what each rank trained on this epoch (an all_gather)."""
     gathered = [None] * get_world_size()

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 import os
@@ -89,6 +88,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
         - "best_f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall": the best F1 over
           score thresholds, the score giving it and P/R there (0.0 when no threshold gives a true positive);
+        - "pr_curve": {"recall", "precision", "score"} lists, the precision-recall curve at IoU 0.5 pooled over
+          classes, one point per score threshold (at most PR_POINTS of them, evenly spaced in the ranking);
         - "num_detections": len(detections).
         Values pycocotools cannot define (its -1: no ground truth for that class or area range)
         are nan; every class of `class_names` has a key. With no detections every defined value
@@ -108,6 +109,7 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
     scores, is_tp, is_fp, num_gt = _pooled_matches(cocoeval)
     metrics.update(_precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold))
     metrics.update(_best_f1(scores, is_tp, is_fp, num_gt))
+    metrics["pr_curve"] = _pr_curve(scores, is_tp, is_fp, num_gt)
     metrics["num_detections"] = len(detections)
     return metrics
 
@@ -224,6 +226,21 @@ def _best_f1(scores, is_tp, is_fp, num_gt):
     precision, recall, _ = _prf(int(tp[best]), int(fp[best]), num_gt)
     return {"best_f1": float(f1[best]), "best_f1_threshold": float(scores[cuts[best]]),
             "best_f1_precision": precision, "best_f1_recall": recall}
+
+
+PR_POINTS = 200  # points kept of the precision-recall curve (enough to draw it)
+
+
+def _pr_curve(scores, is_tp, is_fp, num_gt):
+    """Precision and recall of 'score >= t' for the detection scores t, thinned to PR_POINTS points."""
+    if not len(scores) or num_gt == 0:
+        return {"recall": [], "precision": [], "score": []}
+    tp, fp = np.cumsum(is_tp), np.cumsum(is_fp)
+    keep = np.unique(np.linspace(0, len(scores) - 1, min(PR_POINTS, len(scores))).round().astype(int))
+    recall = tp[keep] / num_gt
+    precision = tp[keep] / np.maximum(tp[keep] + fp[keep], 1)
+    return {"recall": [round(float(v), 4) for v in recall], "precision": [round(float(v), 4) for v in precision],
+            "score": [round(float(v), 4) for v in scores[keep]]}
 
 
 def _collate_lists(batch):

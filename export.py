@@ -18,7 +18,6 @@ level, because each level has its own BatchNorm). The classic TorchScript-based 
 """
 import argparse
 import inspect
-import json
 import logging
 import os
 import statistics

@@ -32,7 +32,7 @@ import distributed
 import engine
 import runs
 from backbone_efficientnet import MissingWeightsPackageError
-from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms, dataset_report
+from dataset_coco import CocoDetectionDataset, build_transforms, dataset_report, load_train_val
 from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, create_lightweight_model, has_imagenet_weights,
                                INITS, init_model_size, load_init)
 
@@ -56,10 +56,7 @@ def get_args_parser(defaults):
     cfg.add_init_flags(parser, default("init", "starting weights: starter, imagenet, random, or a checkpoint or "
                                                "backbone file (none: starter for lite0)"))
     parser.add_argument("--class-name", help="category to detect (case-insensitive); default: the data's only one")
-    parser.add_argument("--train-root", help="training images folder")
-    parser.add_argument("--train-ann", help="training annotations: a COCO JSON")
-    parser.add_argument("--val-root", help="validation images folder")
-    parser.add_argument("--val-ann", help="validation annotations")
+    cfg.add_data_flags(parser, defaults)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
                         help=default("model_size", "nano | tiny | small | lite0; --init PATH: the file's size"))
     parser.add_argument("--epochs", type=int, help=default("epochs", "total epochs, shared by the three stages in "
@@ -76,9 +73,10 @@ def resolve_config(typed, argv=None):
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
     defaults = cfg.script_defaults("finetuning")
     cfg.check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
-    config = {**defaults, **(cfg.file_values(typed["config"], "finetuning", defaults) if typed.get("config") else {}),
-              **typed}
+    from_file = cfg.file_values(typed["config"], "finetuning", defaults) if typed.get("config") else {}
+    config = {**defaults, **from_file, **typed}
     config, checkpoint = runs.load_resume(config, typed, "finetuning", defaults, LAYOUT, SCRIPT, FIXED_KEYS)
+    cfg.check_data(config, {**from_file, **typed})
     if checkpoint is None:
         resolve_init(config, typed)
     if config["epochs"] is not None:
@@ -124,8 +122,6 @@ def check_config(config):
     if config["num_classes"] != 1:
         raise cfg.ConfigError(f"num_classes is {config['num_classes']}, but this script fine-tunes one class; "
                               f"set num_classes to 1 and pick the class with class_name")
-    for key in ("train_root", "train_ann", "val_root", "val_ann"):
-        cfg.check_path(config, key)
     for i in range(1, 4):
         if config[f"stage{i}_epochs"] < 0:
             raise cfg.ConfigError(f"stage{i}_epochs must be >= 0, got {config[f'stage{i}_epochs']}")
@@ -211,15 +207,17 @@ def start_stage(session, stage, checkpoint, start_epoch):
 
 # ---- data and model -----------------------------------------------------------------------------------------
 def build_data(config):
-    """Training loader (moderate augmentation) and val dataset (original images) of the one class."""
+    """Training loader (moderate augmentation) and val dataset (original images) of the one class, and the split
+    record when part of the training annotations is held out for validation."""
     classes = [config["class_name"]] if config["class_name"] else None
     bad = config["max_bad_image_fraction"]
     try:
-        train = CocoDetectionDataset(config["train_ann"], config["train_root"], classes=classes,
-                                     transforms=build_transforms(config["augmentation"], config["img_size"]),
-                                     max_missing_fraction=bad)
-        val = CocoDetectionDataset(config["val_ann"], config["val_root"], classes=train.class_names,
-                                   max_missing_fraction=bad)
+        (train_data, train_root), (val_data, val_root), split = load_train_val(
+            config["train_ann"], config["train_root"], config["val_ann"], config["val_root"], config["val_fraction"],
+            runs.saved_split(config, LAYOUT))
+        train = CocoDetectionDataset(train_data, train_root, classes=classes, max_missing_fraction=bad,
+                                     transforms=build_transforms(config["augmentation"], config["img_size"]))
+        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad)
     except (FileNotFoundError, ValueError) as error:
         raise cfg.ConfigError(str(error)) from None
     if len(train.class_names) != 1:
@@ -231,19 +229,7 @@ def build_data(config):
             f"no usable {train.class_names[0]!r} box in {config['train_ann']}: {s['images_missing']} of "
             f"{s['images_total']} images missing on disk, {s['boxes_dropped']} boxes dropped as degenerate or "
             f"non-finite, {s['crowd_ignored']} crowd boxes ignored; check --class-name and the annotation file")
-    return training_loader(train, config), val, train.class_names
-
-
-def training_loader(train, config):
-    """The shuffled training loader, with its workers started (their seed is drawn on the first iteration only,
-    and a resumed run must shuffle like an uninterrupted one, reseeded per epoch)."""
-    sampler = distributed.train_sampler(train, config["seed"])
-    loader = build_dataloader(train, config["batch_size"], shuffle=True, num_workers=config["workers"],
-                              drop_last=len(sampler or train) > config["batch_size"],
-                              seed=distributed.rank_seed(config["seed"]), sampler=sampler)
-    if loader.num_workers > 0:
-        iter(loader)
-    return loader
+    return runs.training_loader(train, config, drop_last=True), val, train.class_names, split
 
 
 def build_model(config, num_classes, checkpoint=None):
@@ -268,7 +254,7 @@ def train(config, checkpoint=None, argv=None):
     """Run (or resume) a fine-tuning. Returns the summary (also in summary.json); {} on ranks > 0 under torchrun,
     where every rank trains on its shard and rank 0 evaluates and writes."""
     device = runs.setup_process(config, "finetune_single_class.py", argv)
-    loader, val_dataset, class_names = build_data(config)
+    loader, val_dataset, class_names, split = build_data(config)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
     model, config["provenance"] = build_model(config, 1, checkpoint)
@@ -277,6 +263,7 @@ def train(config, checkpoint=None, argv=None):
                 ", ".join(provenance["new"]) or "none")
     run = (runs.open_run(config, class_names, LAYOUT, SCRIPT, class_names[0].replace(" ", "_"), checkpoint)
            if distributed.is_main_process() else None)
+    runs.write_split(run, split)
     session = runs.new_session(config, model, loader, val_dataset, run, device)
     plan = stage_plan(config, set(provenance["pretrained"]))
     start = checkpoint["epoch"] + 1 if checkpoint else 1
@@ -285,7 +272,11 @@ def train(config, checkpoint=None, argv=None):
             start_stage(session, stage, checkpoint, start)
             for epoch in range(max(start, stage["first_epoch"]), stage["last_epoch"] + 1):
                 runs.train_epoch(session, stage, epoch, plan[-1]["last_epoch"])
+                if session.stop:
+                    break
             distributed.check_in_sync(model)
+            if session.stop:
+                break
     if run is None:
         return {}
     summary = runs.close_run(run, {"best": "best_model", "last": "last_model"})

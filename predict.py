@@ -1,22 +1,27 @@
-"""Run a trained detector on images: drawn pictures, COCO-format results, optional evaluation.
+"""Run a trained detector on images and videos: drawn pictures and videos, COCO-format results, YOLO txt labels,
+optional evaluation.
 
-    python predict.py --checkpoint finetune_results/whiteline_*/best_model.pth --source photos/ \\
-        --conf 0.5 --iou 0.6 --save-dir predictions/
-    python predict.py --checkpoint best_model.pth --source "data/**/*.jpg" --save-dir predictions/
+    python predict.py --checkpoint finetune_results/whiteline_*/best_model.pth --source photos/
+    python predict.py --checkpoint best_model.pth --source "data/**/*.jpg" --save-txt
+    python predict.py --checkpoint best_model.pth --source dashcam.mp4            # an annotated video
     python predict.py --checkpoint best_model.pth --source val/images --ann val/annotations.json
 
---source is an image, a folder (its images, not subfolders) or a glob (quote it; ** recurses). Images
-are jpg/jpeg/png/bmp/webp in any case, read by dataset_coco.load_image (EXIF orientation, grayscale,
-palette, alpha, CMYK and 16-bit handled). --save-dir receives each image with its boxes drawn, under its
-own name (paths relative to the source folder for recursive globs), and predictions.json: COCO results
-({"image_id", "file_name", "category_id", "category_name", "bbox" xywh pixels, "score"}). With --ann,
-category and image ids are that file's (matched by class name and file name), and the detections are
-scored against its ground truth with evaluate.coco_metrics; otherwise categories are 1..K in the
-checkpoint's class order and images 1..N in sorted path order.
+--source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not
+subfolders) or a glob (quote it; ** recurses). Images are read by dataset_coco.load_image (EXIF orientation,
+grayscale, palette, alpha, CMYK and 16-bit handled). Each run writes a new folder: --save-dir (default
+predictions), or predictions-2, predictions-3, ... when it exists (--exist-ok reuses it). It receives each image
+with its boxes drawn, under its own name (paths relative to the source folder for recursive globs), and
+predictions.json: COCO results ({"image_id", "file_name", "category_id", "category_name", "bbox" xywh pixels,
+"score"}); each video as NAME.mp4 with boxes drawn and NAME.json with the detections of every frame; with
+--save-txt, labels/NAME.txt per image (per frame: labels/NAME_<frame>.txt) in YOLO's format, `class cx cy w h`
+normalised (and the score with --save-conf). The score threshold is the checkpoint's calibrated one unless --conf
+says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's (matched by
+class name and file path), and the image detections are scored against its ground truth with
+evaluate.coco_metrics; otherwise categories are 1..K in the checkpoint's class order and images 1..N in sorted
+path order.
 """
 import argparse
 import glob
-import json
 import logging
 import os
 import posixpath
@@ -28,9 +33,11 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from config import run_cli, write_json_atomic
-from dataset_coco import load_coco_json, load_image
+from annotations import index_coco, read_annotations
+from dataset_coco import load_image
 from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
 from model_lightweight import load_model
+from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
 
 logger = logging.getLogger("predict")
 
@@ -47,28 +54,48 @@ class PredictError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def find_images(source):
-    """Sorted image paths of `source` (a file, a folder, non-recursive, or a glob) and their names.
+def find_sources(source):
+    """Sorted image paths of `source` (a file, a folder, non-recursive, or a glob) with their names, and its videos.
 
     Returns:
-        (paths, names): names are paths relative to the folder the images share (the base name for one
-        folder), used for the drawn copies and in predictions.json.
+        (image paths, image names, video paths): names are paths relative to the folder the images share (the
+        base name for one folder), used for the drawn copies and in predictions.json.
     """
+    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     if os.path.isdir(source):
         paths = [os.path.join(source, name) for name in os.listdir(source)]
     elif os.path.isfile(source):
-        if not source.lower().endswith(IMAGE_EXTENSIONS):
-            raise PredictError(f"--source {source} is not a {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} image")
+        if not source.lower().endswith(media):
+            raise PredictError(f"--source {source} is neither an image ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
+                               f"nor a video ({'/'.join(e[1:] for e in VIDEO_EXTENSIONS)})")
         paths = [source]
+    elif source.lower().endswith(VIDEO_EXTENSIONS) and not glob.has_magic(source):
+        raise PredictError(f"video not found: {source}")
     else:
         paths = glob.glob(source, recursive=True)
-    paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(media))
     if not paths:
         what = "folder" if os.path.isdir(source) else "glob" if glob.has_magic(source) else "path"
-        raise PredictError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in --source "
-                           f"{what} {source}")
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    return paths, [os.path.relpath(os.path.abspath(p), root) for p in paths]
+        raise PredictError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) or videos "
+                           f"({', '.join(e[1:] for e in VIDEO_EXTENSIONS)}) found in --source {what} {source}")
+    images = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
+    videos = [p for p in paths if p.lower().endswith(VIDEO_EXTENSIONS)]
+    if not images:
+        return [], [], videos
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in images])
+    return images, [os.path.relpath(os.path.abspath(p), root) for p in images], videos
+
+
+def numbered_dir(path, exist_ok=False):
+    """`path`, or path-2, path-3, ... the first that does not exist, so a run never overwrites another's output
+    (YOLO's increment_path); with `exist_ok`, `path` itself. The folder is created."""
+    path = os.path.normpath(path)
+    candidate, number = path, 1
+    while not exist_ok and os.path.exists(candidate):
+        number += 1
+        candidate = f"{path}-{number}"
+    os.makedirs(candidate, exist_ok=True)
+    return candidate
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -97,8 +124,9 @@ def coco_ids(ann_path, paths, class_names):
     Returns:
         (COCO object, category_ids in class order, image_ids in `paths` order).
     """
-    try:
-        coco = load_coco_json(ann_path)
+    try:  # a COCO JSON's own image root does not matter here: images are matched by their paths
+        data, _, _ = read_annotations(ann_path, image_root=os.path.dirname(os.path.abspath(paths[0])))
+        coco = index_coco(data, ann_path)
     except (FileNotFoundError, ValueError) as error:
         raise PredictError(f"--ann: {error}") from None
     by_name = {}
@@ -159,6 +187,60 @@ def predict_images(model, paths, skipped, conf_threshold=0.5, iou_threshold=0.6,
                 yield index, image, {key: value.cpu() for key, value in result.items()}
 
 
+def predict_video(model, path, save_dir, options, class_names, progress=True):
+    """Predict every frame of a video; write SAVE_DIR/NAME.mp4 (boxes drawn, the source's frame rate) and
+    SAVE_DIR/NAME.json (the detections of every frame), and with options.save_txt a YOLO txt per frame.
+
+    Returns:
+        (frames, detections) counts.
+    """
+    stem = os.path.splitext(os.path.basename(path))[0]
+    container, stream = open_video(path)  # a missing or undecodable file fails here, in one line
+    fps, total = video_fps(stream), stream.frames or None
+    container.close()
+    frames, detections, batch = [], 0, []
+    bar = tqdm(total=total, desc=os.path.basename(path), unit="frame", disable=not progress, file=sys.stderr)
+    with VideoWriter(os.path.join(save_dir, f"{stem}.mp4"), fps) as writer:
+        def flush():
+            nonlocal detections
+            results = model.predict([frame for _, _, frame in batch], options.conf, options.iou, options.max_det)
+            for (index, seconds, frame), result in zip(batch, results):
+                result = {key: value.cpu() for key, value in result.items()}
+                writer.write(draw(frame, result, class_names))
+                frames.append({"frame": index, "time": round(seconds, 4),
+                               "detections": results_json(result, f"{stem}#{index}", index + 1,
+                                                          list(range(1, len(class_names) + 1)), class_names)})
+                if options.save_txt:
+                    write_yolo_txt(result, frame.shape[-2:], os.path.join(save_dir, "labels", f"{stem}_{index}.txt"),
+                                   options.save_conf)
+                detections += len(result["scores"])
+            bar.update(len(batch))
+            batch.clear()
+        for item in read_frames(path):
+            batch.append(item)
+            if len(batch) == options.batch_size:
+                flush()
+        if batch:
+            flush()
+    bar.close()
+    write_json_atomic({"video": path, "fps": float(fps), "frames": frames}, os.path.join(save_dir, f"{stem}.json"),
+                      indent=None)
+    return len(frames), detections
+
+
+def write_yolo_txt(result, size, path, with_score=False):
+    """One `class cx cy w h [score]` line per detection, normalised by the image's (H, W) `size` (YOLO's labels)."""
+    height, width = size
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = []
+    for box, label, score in zip(result["boxes"].tolist(), result["labels"].tolist(), result["scores"].tolist()):
+        x0, y0, x1, y1 = box
+        values = [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
+        lines.append(" ".join([str(label)] + [f"{v:.6f}" for v in values] + ([f"{score:.5f}"] if with_score else [])))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 
 def results_json(result, name, image_id, category_ids, class_names):
@@ -214,14 +296,19 @@ def above(result, conf_threshold):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
-    parser.add_argument("--source", required=True, help="an image, a folder of images, or a quoted glob")
+    parser.add_argument("--source", required=True, help="an image, a video, a folder of them, or a quoted glob")
     parser.add_argument("--conf", type=float, default=None,
                         help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
                              "threshold, stored by fine-tuning; else 0.25)")
     parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=100, help="detections kept per image")
-    parser.add_argument("--save-dir", default="predictions", help="folder for drawn images and predictions.json")
-    parser.add_argument("--ann", default=None, help="COCO annotation JSON of the source images: ids and evaluation")
+    parser.add_argument("--save-dir", default="predictions",
+                        help="output folder; when it exists, the next free SAVE_DIR-2, SAVE_DIR-3, ...")
+    parser.add_argument("--exist-ok", action="store_true", help="write into --save-dir even when it exists")
+    parser.add_argument("--save-txt", action="store_true", help="also write YOLO txt labels (labels/NAME.txt)")
+    parser.add_argument("--save-conf", action="store_true", help="with --save-txt: the score as a sixth field")
+    parser.add_argument("--ann", default=None, help="annotations of the source images (COCO JSON, VOC folder, YOLO "
+                                                    "labels): ids and evaluation")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: main process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -244,14 +331,17 @@ def _load(checkpoint, device):
 
 
 def main(argv=None):
-    """Predict, draw, write predictions.json, optionally evaluate.
+    """Predict, draw, write predictions.json (images) and NAME.mp4 / NAME.json (videos), optionally evaluate.
 
     Returns:
-        dict with "images" (predicted), "skipped" (unreadable paths), "detections" (saved at --conf),
-        "save_dir", "predictions_json" and, with --ann, "metrics" (evaluate.coco_metrics).
+        dict with "images" (predicted), "skipped" (unreadable paths), "detections" (saved at --conf), "videos"
+        ({path: {"frames", "detections"}}), "save_dir", "predictions_json" and, with --ann, "metrics".
     """
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths, names, videos = find_sources(args.source)
+    for video in videos:  # a missing or undecodable video stops the run before anything is written
+        open_video(video)[0].close()
     model = _load(args.checkpoint, args.device).fuse()  # inference only: BatchNorm folded, same outputs
     if args.compile:
         model.compile()  # nn.Module.compile: predict()'s self(...) runs the compiled forward
@@ -259,7 +349,21 @@ def main(argv=None):
     if args.conf is None:
         args.conf = model.conf_threshold
         logger.info("score threshold %.3f (the checkpoint's; --conf overrides it)", args.conf)
-    paths, names = find_images(args.source)
+    save_dir = numbered_dir(args.save_dir, args.exist_ok)
+    summary = {"images": 0, "skipped": [], "detections": 0, "videos": {}, "save_dir": save_dir,
+               "predictions_json": None}
+    if paths:
+        summary.update(predict_folder(model, paths, names, save_dir, args, class_names))
+    for video in videos:
+        frames, detections = predict_video(model, video, save_dir, args, class_names, args.progress)
+        summary["videos"][video] = {"frames": frames, "detections": detections}
+        print(f"{video}: {frames} frames, {detections} detections at conf >= {args.conf:g}: "
+              f"{os.path.join(save_dir, os.path.splitext(os.path.basename(video))[0])}.mp4 and .json")
+    return summary
+
+
+def predict_folder(model, paths, names, save_dir, args, class_names):
+    """The images of a run: drawn copies, predictions.json, YOLO txt labels, and the scores against --ann."""
     if args.ann:
         coco, category_ids, image_ids = coco_ids(args.ann, paths, class_names)
     else:
@@ -267,7 +371,6 @@ def main(argv=None):
     # With --ann, detections down to COCO's 0.001 are kept for mAP, so it equals evaluate.py's; the
     # drawings and predictions.json keep those above --conf.
     predict_conf = min(args.conf, MAP_SCORE_THRESHOLD) if args.ann else args.conf
-    os.makedirs(args.save_dir, exist_ok=True)
     saved, all_detections, predicted, skipped = [], [], [], []
     images = predict_images(model, paths, skipped, predict_conf, args.iou, args.max_det, args.batch_size,
                             args.workers, args.progress)
@@ -275,30 +378,33 @@ def main(argv=None):
         all_detections += predictions_to_coco([result], [image_ids[index]], category_ids)
         result = above(result, args.conf)
         saved += results_json(result, names[index], image_ids[index], category_ids, class_names)
-        save_image(draw(image, result, class_names), os.path.join(args.save_dir, names[index]))
+        save_image(draw(image, result, class_names), os.path.join(save_dir, names[index]))
+        if args.save_txt:
+            write_yolo_txt(result, image.shape[-2:], os.path.join(save_dir, "labels",
+                                                                   os.path.splitext(names[index])[0] + ".txt"),
+                           args.save_conf)
         tqdm.write(summary_line(names[index], result, class_names))
         predicted.append(index)
     if not predicted:
         raise PredictError(f"none of the {len(paths)} images of --source {args.source} could be read "
                            f"(e.g. {skipped[0]})")
-    json_path = os.path.join(args.save_dir, "predictions.json")
+    json_path = os.path.join(save_dir, "predictions.json")
     write_json_atomic(saved, json_path, indent=None)
     print(f"{len(predicted)} images, {len(saved)} detections at conf >= {args.conf:g}"
           f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: drawn images and {json_path}")
-    summary = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "save_dir": args.save_dir,
-               "predictions_json": json_path}
+    result = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "predictions_json": json_path}
     if coco is not None:
-        print(f"evaluation against {args.ann}: mAP over the {len(all_detections)} detections with score > "
+        print(f"evaluation against {args.ann}: mAP over the {len(all_detections)} detections with score >= "
               f"{MAP_SCORE_THRESHOLD:g} (as evaluate.py), precision/recall/F1 at --conf {args.conf:g}")
-        summary["metrics"] = coco_metrics(coco, all_detections, [image_ids[i] for i in predicted], category_ids,
-                                          class_names, args.conf)
-        print(format_metrics(summary["metrics"]))
-    return summary
+        result["metrics"] = coco_metrics(coco, all_detections, [image_ids[i] for i in predicted], category_ids,
+                                         class_names, args.conf)
+        print(format_metrics(result["metrics"]))
+    return result
 
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    run_cli(main, None, bad_input=(PredictError,))
+    run_cli(main, None, bad_input=(PredictError, VideoError))
 
 
 if __name__ == "__main__":

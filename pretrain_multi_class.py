@@ -27,8 +27,7 @@ import distributed
 import engine
 import runs
 from backbone_efficientnet import MissingWeightsPackageError
-from dataset_coco import (CocoDetectionDataset, build_dataloader, build_transforms, coco_layout_paths, dataset_report,
-                          load_coco_json)
+from dataset_coco import CocoDetectionDataset, build_transforms, coco_layout_paths, dataset_report, load_train_val
 from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, create_lightweight_model, has_imagenet_weights,
                                load_init)
 
@@ -46,6 +45,7 @@ def get_args_parser(defaults):
         return cfg.help_default(defaults, key, text)
     parser = cfg.argument_parser(__doc__)
     parser.add_argument("--coco-root", help="folder with train2017/, val2017/ and annotations/instances_*2017.json")
+    cfg.add_data_flags(parser, defaults)
     parser.add_argument("--config", help="JSON file (sections or flat keys) over config_transfer_learning.json")
     parser.add_argument("--classes", help="comma-separated class names, or K for the K most frequent (default: the "
                                           "config's 30 common COCO classes present in the data)")
@@ -70,9 +70,11 @@ def resolve_config(typed):
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
     defaults = cfg.script_defaults("pretraining")
     cfg.check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
-    config = {**defaults, **(cfg.file_values(typed["config"], "pretraining", defaults) if typed.get("config") else {}),
-              **typed}
+    from_file = cfg.file_values(typed["config"], "pretraining", defaults) if typed.get("config") else {}
+    config = {**defaults, **from_file, **typed}
     config, checkpoint = runs.load_resume(config, typed, "pretraining", defaults, LAYOUT, SCRIPT, FIXED_KEYS)
+    if config["train_ann"]:
+        cfg.check_data(config, {**from_file, **typed})
     config["classes"] = parse_classes(config["classes"])
     if config["init"] is None:
         config["init"] = "imagenet" if has_imagenet_weights(config["model_size"]) else "random"
@@ -103,8 +105,11 @@ def parse_classes(value):
 
 def check_config(config):
     """Cross-field facts up front, each a one-line error."""
-    if not config["coco_root"]:
-        raise cfg.ConfigError("no COCO folder: pass --coco-root /path/to/coco (or --resume a run)")
+    if not config["coco_root"] and not config["train_ann"]:
+        raise cfg.ConfigError("no data: pass --coco-root /path/to/coco, or --train-ann (and --train-root for a COCO "
+                              "JSON), or --resume a run")
+    if config["coco_root"] and config["train_ann"]:
+        raise cfg.ConfigError("pass either --coco-root (COCO 2017's layout) or --train-ann, not both")
     for key in ("epochs", "eval_interval", "save_interval", "T_0", "T_mult"):
         if config[key] < 1:
             raise cfg.ConfigError(f"{key} must be >= 1, got {config[key]}")
@@ -120,49 +125,51 @@ def box_counts(coco_dict):
                                if not ann.get("iscrowd", 0))
 
 
-def present_classes(requested, ann_file):
-    """The requested names that have at least one box in `ann_file` (spelled as there); warns once
+def present_classes(requested, data, source):
+    """The requested names that have at least one box in the COCO dict `data` (spelled as there); warns once
     about the others. The default list names 30 COCO classes, and subsets such as coco128 lack some."""
-    data = load_coco_json(ann_file).dataset
     counts = box_counts(data)
     names = {c["name"].lower(): c["name"] for c in data.get("categories", []) if counts[c["id"]] > 0}
     kept = [names[name.lower()] for name in requested if name.lower() in names]
     dropped = [name for name in requested if name.lower() not in names]
     if not kept:
         raise cfg.ConfigError(f"none of the {len(requested)} configured classes ({', '.join(requested[:4])}, ...) "
-                              f"has a box in {ann_file}; choose with --classes NAME,NAME or --classes K")
+                              f"has a box in {source}; choose with --classes NAME,NAME or --classes K")
     if dropped:
         logger.warning("dropped %d of %d classes without boxes in %s: %s", len(dropped), len(requested),
-                       ann_file, ", ".join(dropped))
+                       source, ", ".join(dropped))
     return kept
 
 
-def build_data(config):
-    """Train loader (strong augmentation) and val dataset (original images) over the same classes."""
-    try:
+def data_paths(config):
+    """(train_ann, train_root, val_ann, val_root): --coco-root's COCO 2017 layout, or the data flags."""
+    if config["coco_root"]:
         paths = coco_layout_paths(config["coco_root"])
+        return paths["train_ann"], paths["train_images"], paths["val_ann"], paths["val_images"]
+    return config["train_ann"], config["train_root"], config["val_ann"], config["val_root"]
+
+
+def build_data(config):
+    """Train loader (strong augmentation) and val dataset (original images) over the same classes, and the split
+    record when part of the training annotations is held out for validation."""
+    try:
+        train_ann, train_root, val_ann, val_root = data_paths(config)
+        (train_data, train_root), (val_data, val_root), split = load_train_val(
+            train_ann, train_root, val_ann, val_root, config["val_fraction"], runs.saved_split(config, LAYOUT))
         classes = config["classes"]
         if isinstance(classes, list) and not config["strict_classes"]:
-            classes = present_classes(classes, paths["train_ann"])
+            classes = present_classes(classes, train_data, train_ann)
         bad = config["max_bad_image_fraction"]
-        train = CocoDetectionDataset(paths["train_ann"], paths["train_images"], classes=classes,
-                                     transforms=build_transforms(config["augmentation"], config["img_size"]),
-                                     max_missing_fraction=bad)
-        val = CocoDetectionDataset(paths["val_ann"], paths["val_images"], classes=train.class_names,
-                                   max_missing_fraction=bad)
+        train = CocoDetectionDataset(train_data, train_root, classes=classes, max_missing_fraction=bad,
+                                     transforms=build_transforms(config["augmentation"], config["img_size"]))
+        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad)
     except (FileNotFoundError, ValueError) as error:
         raise cfg.ConfigError(str(error)) from error
     counts = box_counts(train.coco.dataset)
     empty = [name for name, cid in zip(train.class_names, train.category_ids) if not counts[cid]]
     if empty:
-        logger.warning("classes without a box in %s (trained as negatives only): %s", paths["train_ann"],
-                       ", ".join(empty))
-    loader = build_dataloader(train, config["batch_size"], shuffle=True, num_workers=config["workers"],
-                              seed=distributed.rank_seed(config["seed"]),
-                              sampler=distributed.train_sampler(train, config["seed"]))
-    if loader.num_workers > 0:
-        iter(loader)  # start the workers: their seed is drawn on the first iteration only (exact resume)
-    return loader, val, train.class_names
+        logger.warning("classes without a box in %s (trained as negatives only): %s", train_ann, ", ".join(empty))
+    return runs.training_loader(train, config), val, train.class_names, split
 
 
 def build_model(config, num_classes, checkpoint=None):
@@ -202,13 +209,14 @@ def train(config, checkpoint=None, argv=None):
     checkpoint paths; {} on ranks > 0 under torchrun, where every rank trains on its shard and rank 0 evaluates,
     logs and writes."""
     device = runs.setup_process(config, "pretrain_multi_class.py", argv)
-    loader, val_dataset, class_names = build_data(config)
+    loader, val_dataset, class_names, split = build_data(config)
     config["classes"] = list(class_names)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
     model, config["provenance"] = build_model(config, len(class_names), checkpoint)
     run = runs.open_run(config, class_names, LAYOUT, SCRIPT, "multi_class", checkpoint) \
         if distributed.is_main_process() else None
+    runs.write_split(run, split)
     session = runs.new_session(config, model, loader, val_dataset, run, device)
     state = session.state
     state.optimizer, state.scheduler = build_optimizer(config, state.model, len(loader), runs.lr_scale(config))
@@ -222,6 +230,8 @@ def train(config, checkpoint=None, argv=None):
             evaluated = epoch % config["eval_interval"] == 0 or epoch == epochs
             metrics = runs.train_epoch(session, {**STAGE, "first_epoch": 1, "last_epoch": epochs}, epoch, epochs,
                                        evaluated) or metrics
+            if session.stop:
+                break
     distributed.check_in_sync(state.model)
     if run is None:
         return {}

@@ -23,12 +23,15 @@ import torch
 
 import distributed
 import engine
-from config import ConfigError, file_values, resumed, write_json_atomic
+from config import ConfigError, file_values, load_json, resumed, write_json_atomic
+from dataset_coco import build_dataloader
 from evaluate import evaluate
 from losses import DetectionLoss
+from plots import plot_results
 from model_lightweight import DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, model_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
+SPLIT_FILE = "split.json"
 
 
 @dataclasses.dataclass
@@ -168,6 +171,34 @@ def new_session(config, model, loader, val_dataset, run, device):
     return Session(config, state, loader, val_dataset, DetectionLoss(), run, model)
 
 
+def training_loader(dataset, config, drop_last=False):
+    """The shuffled training loader (a DistributedSampler's shard under torchrun), its workers started: their seed
+    is drawn on the first iteration only, and a resumed run must shuffle like an uninterrupted one (reseeded per
+    epoch). `drop_last`: leave out a last partial batch when there are whole ones (a batch of a few images gives
+    noisy BatchNorm statistics, which fine-tuning on small sets feels)."""
+    sampler = distributed.train_sampler(dataset, config["seed"])
+    loader = build_dataloader(dataset, config["batch_size"], shuffle=True, num_workers=config["workers"],
+                              drop_last=drop_last and len(sampler or dataset) > config["batch_size"],
+                              seed=distributed.rank_seed(config["seed"]), sampler=sampler)
+    if loader.num_workers > 0:
+        iter(loader)
+    return loader
+
+
+def saved_split(config, layout):
+    """A resumed run's split.json (the images it held out for validation), or None."""
+    if not config.get("resume"):
+        return None
+    path = os.path.join(run_dir_of(config["resume"], layout), SPLIT_FILE)
+    return load_json(path, "split file") if os.path.isfile(path) else None
+
+
+def write_split(run, split):
+    """split.json: which images of the training annotations trained and which validated (reused on --resume)."""
+    if run is not None and split is not None:
+        write_json_atomic(split, os.path.join(run.run_dir, SPLIT_FILE))
+
+
 def lr_scale(config):
     """engine.lr_scale_factor for this run's global batch, logged once."""
     world_size = distributed.get_world_size()
@@ -196,7 +227,8 @@ def train_epoch(session, stage, epoch, total_epochs, evaluated=True):
     if session.run is not None:
         metrics = finish_epoch(session.run, session.state, stage, epoch, train_metrics, session.val_dataset, started,
                                evaluated)
-    distributed.barrier()  # the other ranks wait while rank 0 evaluates and writes
+    # every rank learns whether rank 0 stopped the run; the broadcast also makes them wait while it wrote
+    session.stop = distributed.broadcast_object(patience_stop(session.run, config, epoch, evaluated))
     return metrics
 
 
@@ -223,12 +255,30 @@ def finish_epoch(run, state, stage, epoch, train_metrics, val_dataset, started, 
     if is_best:
         threshold = calibrated_threshold(metrics)
         run.summary.update(best_epoch=epoch, best_stage=stage["index"], best_stage_name=stage["name"],
-                           conf_threshold=threshold,
-                           best_metrics={k: v for k, v in metrics.items() if k != "per_class_AP"})
+                           conf_threshold=threshold, best_pr_curve=metrics["pr_curve"],
+                           best_metrics={k: v for k, v in metrics.items() if k not in ("per_class_AP", "pr_curve")})
     run.summary.update(run_dir=run.run_dir, last_epoch=epoch, last_metrics=row)
     save_epoch(run, state, stage, epoch, metrics, is_best)
     write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
+    if evaluated:
+        plot_results(run.log.rows, run.summary, os.path.join(run.run_dir, "results.png"),
+                     f"{run.script}: {os.path.basename(run.run_dir)}")
     return metrics
+
+
+def patience_stop(run, config, epoch, evaluated):
+    """Rank 0: why the run stops here (val mAP has not improved for `patience` epochs), or None."""
+    if run is None or not config["patience"] or not evaluated:
+        return None
+    best_epoch = run.summary.get("best_epoch") or 0
+    if epoch - best_epoch < config["patience"]:
+        return None
+    reason = (f"val mAP has not improved for {epoch - best_epoch} epochs (patience {config['patience']}); "
+              f"best at epoch {best_epoch or '-'}")
+    run.summary["stopped_early"] = {"epoch": epoch, "reason": reason}
+    write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
+    logger.info("stopping after epoch %d: %s", epoch, reason)
+    return reason
 
 
 def calibrated_threshold(metrics):

@@ -519,3 +519,26 @@ def test_dataset_report_warns_about_tiny_boxes_and_empty_class(tmp_path):
     assert "WARNING: class 'ghost' has no boxes" in report
     assert "WARNING: 2/2 boxes are under 8 px on a side at img_size 160" in report
     assert "2/2 boxes" not in dataset_report(CocoDetectionDataset(ann, str(tmp_path)), 640)
+
+
+def test_exif_rotated_photos_annotated_in_the_stored_frame_are_turned(tmp_path, caplog):
+    """A phone photo stored landscape with EXIF orientation 6 (shown portrait), annotated by a tool that ignored
+    EXIF: the JSON gives the stored size and a stored-frame box. The box turns with the image, in training and
+    in the ground truth COCOeval scores, so a perfect prediction in the displayed frame scores 1."""
+    from evaluate import coco_metrics
+    stored = np.zeros((40, 60, 3), np.uint8)  # H 40, W 60 as stored
+    stored[5:15, 10:30] = 255  # the object, in the stored frame: x 10..30, y 5..15
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees clockwise: displayed 40 wide, 60 high
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=98, exif=exif)
+    ann = write_coco_json(tmp_path / "ann.json", [(1, "thing")], [(1, "phone.jpg", 60, 40)], [(1, 1, [10, 5, 20, 10])])
+    with caplog.at_level(logging.WARNING):
+        dataset = CocoDetectionDataset(ann, str(tmp_path))
+    assert "annotated in their stored (unrotated) frame" in caplog.text and dataset.stats["images_turned"] == 1
+    image, target = dataset[0]
+    assert image.shape == (3, 60, 40) and dataset.image_size(0) == (60, 40)
+    x0, y0, x1, y1 = target["boxes_xyxy"][0].tolist()
+    assert (x0, y0, x1, y1) == (25.0, 10.0, 35.0, 30.0)  # turned: x = H - y, y = x
+    assert image[:, int(y0) + 2:int(y1) - 2, int(x0) + 2:int(x1) - 2].float().mean() > 200  # the object is there
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9}]
+    assert coco_metrics(dataset.coco, perfect, [1], [1], ["thing"])["mAP"] == pytest.approx(1.0)

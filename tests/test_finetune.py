@@ -257,3 +257,51 @@ def test_full_checkpoint_accepted_as_backbone(fault_data, tmp_path):
     model, _ = finetune.build_model(config, 1)
     for key, value in source.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+@pytest.fixture(scope="module")
+def voc_folder(tmp_path_factory):
+    """One annotated folder, as people label it: LabelImg's VOC XML beside its images, no split."""
+    from test_annotations import write_voc
+    root = tmp_path_factory.mktemp("voc")
+    ann = write_shapes_split(root / "images", root / "coco.json", 16, ["thing"], img_size=64, seed=2)
+    return write_voc(json.loads(open(ann).read()), root / "images", root / "voc")
+
+
+def test_python_api_from_one_voc_folder_split_for_you_and_the_logging_left_alone(voc_folder, tmp_path):
+    import logging
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    summary = finetune.finetune(train_ann=voc_folder, model_size="nano", init="random", epochs=3, img_size=64,
+                                batch_size=4, workers=0, device="cpu", output_dir=str(tmp_path), progress=False,
+                                val_fraction=0.25)
+    assert (root.level, list(root.handlers)) == before  # importing or calling the API configures no logging
+    run_dir = summary["run_dir"]
+    split = json.loads(open(os.path.join(run_dir, "split.json")).read())
+    assert len(split["train"]) + len(split["val"]) == 16 and split["val"] and split["val_fraction"] == 0.25
+    assert os.path.isfile(os.path.join(run_dir, "results.png")) and os.path.isfile(summary["best_model"])
+    resumed_config = finetune.parse_config(["--resume", run_dir, "--epochs", "4"])  # the run's split is kept
+    assert runs_saved_split(resumed_config) == split
+    with pytest.raises(config.ConfigError, match="both a validation set .* and --val-fraction"):
+        finetune.finetune(train_ann=voc_folder, val_ann=voc_folder, val_fraction=0.3, model_size="nano",
+                          init="random")
+
+
+def runs_saved_split(resolved):
+    import runs
+    return runs.saved_split(resolved, finetune.LAYOUT)
+
+
+def test_patience_cuts_the_stage_plan_and_the_summary_says_why(data, tmp_path, monkeypatch):
+    import runs
+    real = runs.evaluate
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])  # the best epoch is the first
+
+    def worsening(*args, **kwargs):
+        return {**real(*args, **kwargs), "mAP": next(scores)}
+    monkeypatch.setattr(runs, "evaluate", worsening)
+    summary = finetune.main(base_args(data, tmp_path) + ["--epochs", "6", "--patience", "2"])
+    assert summary["stopped_early"]["epoch"] == 3 and "patience 2" in summary["stopped_early"]["reason"]
+    assert summary["best_epoch"] == 1 and summary["last_epoch"] == 3
+    with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [1, 2, 3]

@@ -257,3 +257,61 @@ def test_predict_ann_matches_each_image_by_its_own_path(setup, tmp_path):
     summary = predict.main(predict_args(setup, tmp_path / "data" / "a", tmp_path / "out", "--ann",
                                         str(tmp_path / "ann.json")))
     assert summary["images"] == 1 and summary["metrics"]["recall"] >= 0.0  # scored without KeyError
+
+
+# ---------------------------------------------------------------------------------------------- video, outputs
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 9-frame synthetic video written with PyAV: shapes moving over a still background."""
+    from video import VideoWriter
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    rng = np.random.default_rng(0)
+    background = torch.from_numpy(rng.integers(60, 120, (3, 72, 96), dtype=np.uint8))
+    with VideoWriter(path, fps=12) as writer:
+        for index in range(9):
+            frame = background.clone()
+            frame[:, 20:44, 8 + 6 * index:32 + 6 * index] = 230
+            writer.write(frame)
+    return str(path)
+
+
+def test_a_video_gives_an_annotated_video_and_the_detections_of_every_frame(setup, clip, tmp_path):
+    from video import read_frames
+    summary = predict.main(predict_args(setup, clip, tmp_path / "out", "--save-txt", "--save-conf", "--batch-size", "4"))
+    assert summary["videos"][clip] == {"frames": 9, "detections": summary["videos"][clip]["detections"]}
+    frames = list(read_frames(tmp_path / "out" / "clip.mp4"))
+    assert len(frames) == 9 and frames[0][2].shape == (3, 72, 96)
+    record = json.loads((tmp_path / "out" / "clip.json").read_text())
+    assert [f["frame"] for f in record["frames"]] == list(range(9)) and record["fps"] == 12
+    model = load_model(setup["checkpoint"])
+    first = list(read_frames(clip))[0][2]
+    (expected,) = model.predict(first, CONF, 0.6, 100)
+    assert len(record["frames"][0]["detections"]) == len(expected["scores"])
+    lines = (tmp_path / "out" / "labels" / "clip_0.txt").read_text().split("\n")
+    assert len([line for line in lines if line]) == len(expected["scores"])
+    if expected["scores"].numel():
+        label, cx, cy, w, h, score = lines[0].split()
+        x0, y0, x1, y1 = expected["boxes"][0].tolist()
+        assert abs(float(cx) - (x0 + x1) / 2 / 96) < 1e-4 and abs(float(score) - expected["scores"][0]) < 1e-4
+
+
+def test_each_run_gets_its_own_folder_unless_exist_ok(setup, tmp_path):
+    first = predict.main(predict_args(setup, setup["image_dir"], tmp_path / "predictions"))
+    second = predict.main(predict_args(setup, setup["image_dir"], tmp_path / "predictions"))
+    third = predict.main(predict_args(setup, setup["image_dir"], tmp_path / "predictions", "--exist-ok"))
+    assert [os.path.basename(r["save_dir"]) for r in (first, second, third)] == \
+        ["predictions", "predictions-2", "predictions"]
+
+
+@pytest.mark.parametrize("case", ["missing", "undecodable"])
+def test_a_missing_or_undecodable_video_is_one_line_and_exit_2(setup, tmp_path, case, monkeypatch, capsys):
+    path = tmp_path / "clip.mp4"
+    if case == "undecodable":
+        path.write_bytes(b"not a video at all" * 50)
+    monkeypatch.setattr(sys, "argv", ["predict.py", *predict_args(setup, path, tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        predict.run()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and str(path) in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -201,3 +201,23 @@ def test_pretrain_with_unreadable_images_finishes_or_stops_clearly(tmp_path, cap
     with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
         (row,) = list(csv.DictReader(f))
     assert row["images_skipped"] == "2" and row["nonfinite_steps"] == "0"
+
+
+def test_pretraining_on_a_yolo_folder_through_the_python_api(tmp_path):
+    """Any multi-class data: a YOLO data.yaml (its train and val entries), from pretrain(); logging untouched."""
+    import logging
+    from synthetic_data import write_shapes_split
+    from test_annotations import write_yolo
+    ann = write_shapes_split(tmp_path / "images", tmp_path / "coco.json", 8, ["square", "circle", "ring"],
+                             img_size=64, seed=4)
+    data_yaml = write_yolo(json.loads(open(ann).read()), tmp_path / "images", tmp_path / "yolo")
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    result = pretrain_multi_class.pretrain(train_ann=data_yaml, classes=None, epochs=1, batch_size=4,
+                                           model_size="nano", img_size=64, workers=0, device="cpu",
+                                           output_dir=str(tmp_path / "runs"), progress=False)
+    assert (root.level, list(root.handlers)) == before
+    assert result["class_names"] == ["square", "circle", "ring"]  # the data.yaml's names, in its order
+    assert not os.path.exists(os.path.join(result["run_dir"], "split.json"))  # its val entry validated
+    with pytest.raises(ConfigError, match="either --coco-root .* or --train-ann, not both"):
+        pretrain_multi_class.pretrain(train_ann=data_yaml, coco_root=str(tmp_path))
