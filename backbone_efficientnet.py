@@ -74,7 +74,10 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x):
         if self.stride[0] > 1:
             pads = []
-            for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
+            # Python ints: an ONNX trace keeps these pads as constants, which fit every input size with the
+            # traced one's remainders (every multiple of 32, as the letterbox makes them); a mix of traced
+            # sizes and constants would pad every input to the traced size.
+            for size, k, s in zip(map(int, x.shape[:-3:-1]), self.kernel_size[::-1], self.stride[::-1]):  # W, H
                 total = max((math.ceil(size / s) - 1) * s + k - size, 0)
                 pads += [total // 2, total - total // 2]
             x = F.pad(x, pads)

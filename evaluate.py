@@ -370,10 +370,16 @@ def format_metrics(metrics):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Score a detector checkpoint on a COCO-format set.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint .pt written by training")
-    parser.add_argument("--ann", required=True, help="COCO annotation JSON")
-    parser.add_argument("--root", required=True, help="image folder of the annotation file")
+    parser = argparse.ArgumentParser(description="Score a detector on an annotated set (COCO mAP, P/R/F1).")
+    parser.add_argument("--checkpoint", required=True, help="best_model.pth written by training, or an exported "
+                                                            ".onnx (with its sidecar JSON)")
+    parser.add_argument("--ann", required=True, help="annotations: a COCO JSON, a Pascal VOC folder, a YOLO data.yaml "
+                                                     "or labels folder")
+    parser.add_argument("--root", help="image folder of a COCO JSON (VOC and YOLO find theirs)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"),
+                        help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, beside it); "
+                             "default: the checkpoint's kind")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch or ONNX Runtime")
     parser.add_argument("--class-name", default=None,
                         help="score a 1-class model against this category (default: checkpoint class_names)")
     parser.add_argument("--conf", type=float, default=None,
@@ -389,9 +395,9 @@ def get_args_parser():
 
 def _check_paths(parser, args):
     for flag, path, exists in (("--checkpoint", args.checkpoint, os.path.isfile),
-                               ("--ann", args.ann, os.path.isfile),
+                               ("--ann", args.ann, os.path.exists),
                                ("--root", args.root, os.path.isdir)):
-        if not exists(path):
+        if path is not None and not exists(path):
             parser.error(f"{flag} not found: {path}")
 
 
@@ -410,12 +416,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_paths(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import dataset_coco  # lazy: only the CLI needs the dataset and model modules
-    import model_lightweight
-
+    import dataset_coco  # lazy: only the CLI needs the dataset and detector modules
+    from ort_detector import load_detector
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        model = model_lightweight.load_model(args.checkpoint, device=args.device)
-    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        model = load_detector(args.checkpoint, args.backend, args.device, args.threads)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError) as error:
         parser.error(f"cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}")
     class_names = _class_names(parser, args, model)
     if args.conf is None:
@@ -426,8 +433,8 @@ def main(argv=None):
                                                         transforms=None)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    detections = collect_detections(model, dataset, args.device, args.iou,
-                                    batch_size=args.batch_size)
+    detections = collect_detections(model, dataset, args.device if args.backend != "onnxruntime" else "cpu", args.iou,
+                                    batch_size=args.batch_size, num_workers=0)
     metrics = coco_metrics(dataset.coco, detections, dataset.image_ids, dataset.category_ids,
                            dataset.class_names, args.conf)
     print(format_metrics(metrics))

@@ -1,19 +1,24 @@
-"""Export a trained detector to ONNX, check it with ONNX Runtime, and write a JSON sidecar for deployment.
+"""Export a trained detector to ONNX (and INT8), check it with ONNX Runtime, and write a JSON sidecar beside it.
 
-    python export.py --checkpoint finetune_results/whiteline_*/best_model.pth --format onnx
+    python export.py --checkpoint finetune_results/whiteline_*/best_model.pth
+    python export.py --checkpoint best_model.pth --int8 --calib-images data/train/images   # + best_model_int8.onnx
     python export.py --checkpoint best_model.pth --img-size 320 --dynamic-batch --output model.onnx
     python export.py --checkpoint best_model.pth --include-nms --conf 0.4 --check-image street.jpg
 
-The graph takes float32 (B, 3, S, S) RGB images in [0, 1], letterboxed to S (longer side resized to S,
-padded right/bottom with 114/255); the model's normalisation (model_config mean/std: ImageNet's, or
-127/255 and 128/255 for lite0; recorded in the sidecar) is inside it. It returns
+The graph takes float32 (B, 3, H, W) RGB images in [0, 1], letterboxed to S: the longer side resized to S,
+padded right/bottom with 114/255 to the next multiple of 32 (H and W are dynamic: a 4:3 photo at 320 runs at
+256x320, as predict() runs it). The model's normalisation (model_config mean/std: ImageNet's, or 127/255 and
+128/255 for lite0; recorded in the sidecar) is inside it. It returns
   boxes   (B, A, 4) xyxy in network-input pixels (divide by the letterbox ratio for original pixels)
   scores  (B, A, C) per-class sigmoid probabilities
 or, with --include-nms, one output
   detections  (N, 7) rows [batch_index, x1, y1, x2, y2, score, class_index], class-aware NMS by the ONNX
               NonMaxSuppression op at the --conf/--iou/--max-det baked into the graph (--max-det is per class).
 BatchNorm is folded into the convolutions first (the head's shared conv becomes one conv per pyramid
-level, because each level has its own BatchNorm). The classic TorchScript-based exporter
+level, because each level has its own BatchNorm). --int8 also writes NAME_int8.onnx, statically quantised with
+ONNX Runtime's tools (quantize.py) on --calib-count images of --calib-images; the float model stays beside it.
+predict.py and evaluate.py run either with --backend onnxruntime (ort_detector.py), the sidecar supplying class
+names, input size and the calibrated score threshold. The classic TorchScript-based exporter
 (`dynamo=False`) is used: it needs no onnxscript and maps NMS to NonMaxSuppression through a symbolic.
 """
 import argparse
@@ -32,6 +37,7 @@ from torch import nn
 from config import run_cli, write_json_atomic
 from dataset_coco import load_image
 from model_lightweight import LETTERBOX_FILL, STRIDES, decode_boxes, fuse_batchnorm, letterbox, load_model
+from ort_detector import sidecar_path
 
 logger = logging.getLogger("export")
 
@@ -103,7 +109,7 @@ class ExportModel(nn.Module):
 def output_spec(model, img_size, include_nms, dynamic_batch):
     """Output names and shapes (strings for dynamic dimensions) of the exported graph."""
     batch = "batch" if dynamic_batch else 1
-    num_anchors = sum((img_size // stride) ** 2 for stride in STRIDES)
+    num_anchors = "anchors (H/8 * W/8 + H/16 * W/16 + H/32 * W/32)"
     if include_nms:
         return {"detections": {"shape": ["num_detections", 7],
                                "columns": ["batch_index", "x1", "y1", "x2", "y2", "score", "class_index"],
@@ -115,10 +121,13 @@ def output_spec(model, img_size, include_nms, dynamic_batch):
 def export_onnx(module, path, img_size, output_names, opset, dynamic_batch):
     """torch.onnx.export with the TorchScript-based exporter (dynamo=False), then onnx.checker."""
     import onnx
-    dynamic_axes = None
+    dynamic_axes = {"images": {2: "height", 3: "width"}}
+    dynamic_axes.update({name: {1: "anchors"} for name in output_names if name != "detections"})
     if dynamic_batch:
-        dynamic_axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in output_names
-                                                    if name != "detections"}}
+        dynamic_axes["images"][0] = "batch"
+        for name in output_names:
+            if name != "detections":
+                dynamic_axes[name][0] = "batch"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript exporter, tracer notes
@@ -179,13 +188,16 @@ def within_tolerance(diffs, img_size, tolerance=CHECK_TOLERANCE):
 
 
 def check_inputs(img_size, dynamic_batch, check_image=None, seed=0):
-    """{description: float (B, 3, S, S) in [0, 1]}: random batches, and the letterboxed check image."""
+    """{description: float (B, 3, H, W) in [0, 1]}: a square and a wide random batch, and the letterboxed check
+    image."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = {"random batch 1": torch.rand(1, 3, img_size, img_size, generator=generator)}
+    rect = max(max(STRIDES), img_size * 3 // 4 // max(STRIDES) * max(STRIDES))
+    inputs = {f"random {img_size}x{img_size}": torch.rand(1, 3, img_size, img_size, generator=generator),
+              f"random {rect}x{img_size}": torch.rand(1, 3, rect, img_size, generator=generator)}
     if dynamic_batch:
         inputs["random batch 2"] = torch.rand(2, 3, img_size, img_size, generator=generator)
     if check_image is not None:
-        image, _ = letterbox(load_image(check_image), img_size)
+        image, _ = letterbox(load_image(check_image), img_size, rect=True)
         inputs[f"letterboxed {os.path.basename(check_image)}"] = image[None]
     return inputs
 
@@ -201,15 +213,16 @@ def median_latency_ms(fn, runs, warmup):
     return 1000 * statistics.median(times)
 
 
-def measure_latency(modules, session, img_size, runs, warmup):
-    """Median batch-1 CPU latency in ms of each PyTorch module (eager, no_grad) and of the ONNX session."""
+def measure_latency(modules, sessions, img_size, runs, warmup):
+    """Median batch-1 CPU latency in ms of each PyTorch module (eager, no_grad) and ONNX session, network only."""
     image = torch.rand(1, 3, img_size, img_size)
     latencies = {}
     with torch.inference_mode():
         for name, module in modules.items():
             latencies[name] = median_latency_ms(lambda: module(image), runs, warmup)
     feed = {"images": image.numpy()}
-    latencies["onnxruntime"] = median_latency_ms(lambda: session.run(None, feed), runs, warmup)
+    for name, session in sessions.items():
+        latencies[name] = median_latency_ms(lambda: session.run(None, feed), runs, warmup)
     return latencies
 
 
@@ -222,16 +235,18 @@ def sidecar(model, args, onnx_path, outputs):
         "format": "onnx", "model_file": os.path.basename(onnx_path), "opset": args.opset,
         "model_size": model.model_size, "num_classes": model.num_classes, "class_names": list(model.class_names),
         "input": {
-            "name": "images", "shape": ["batch" if args.dynamic_batch else 1, 3, args.img_size, args.img_size],
+            "name": "images", "shape": ["batch" if args.dynamic_batch else 1, 3, "height", "width"],
             "dtype": "float32", "layout": "NCHW", "color": "RGB", "value_range": [0.0, 1.0],
             "letterbox": {"size": args.img_size, "resize": "longer side to size, aspect kept, bilinear antialias",
-                          "pad": "right and bottom", "pad_value": LETTERBOX_FILL / 255,
+                          "pad": f"right and bottom, to the next multiple of {max(STRIDES)} (height and width "
+                                 f"are dynamic; any multiple of {max(STRIDES)} runs)", "pad_value": LETTERBOX_FILL / 255,
                           "pad_value_uint8": LETTERBOX_FILL,
                           "to_original_pixels": "divide x by new_width / width and y by new_height / height"},
             "normalization": {"mean": list(config["mean"]), "std": list(config["std"]),
                               "applied_inside_model": True}},
         "outputs": outputs,
-        "postprocess": {"conf_threshold": args.conf, "iou_threshold": args.iou, "max_detections": args.max_det,
+        "postprocess": {"calibrated_conf_threshold": model.conf_threshold,
+                        "conf_threshold": args.conf, "iou_threshold": args.iou, "max_detections": args.max_det,
                         "max_detections_per": "image and class" if args.include_nms else "image",
                         "nms": "in graph (ONNX NonMaxSuppression, per class)" if args.include_nms
                         else "not in graph: class-aware NMS over boxes/scores (torchvision.ops.batched_nms)"},
@@ -245,7 +260,12 @@ def get_args_parser():
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     parser.add_argument("--img-size", type=int, default=None,
-                        help="square input side, a multiple of 32 (default: the checkpoint's img_size)")
+                        help="letterbox size (the longer side), a multiple of 32 (default: the checkpoint's img_size)")
+    parser.add_argument("--int8", action="store_true", help="also write NAME_int8.onnx, statically quantised")
+    parser.add_argument("--calib-images", help="with --int8: a folder of images or annotations (any format) whose "
+                                               "images calibrate the quantisation (training images)")
+    parser.add_argument("--calib-root", help="with --int8 and a COCO JSON as --calib-images: its images folder")
+    parser.add_argument("--calib-count", type=int, default=100, help="with --int8: images used to calibrate")
     parser.add_argument("--dynamic-batch", action="store_true", help="batch dimension dynamic (default: 1)")
     parser.add_argument("--include-nms", action="store_true", help="NMS inside the graph; output detections (N, 7)")
     parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the in-graph NMS")
@@ -276,18 +296,23 @@ def _load(args):
         raise ValueError(f"--opset {args.opset}: NonMaxSuppression and the ops used here need opset >= 11")
     if args.check_image is not None and not os.path.isfile(args.check_image):
         raise FileNotFoundError(f"--check-image not found: {args.check_image}")
+    if args.int8 and not args.calib_images:
+        raise ValueError("--int8 needs --calib-images: a folder of training images, or their annotations")
+    if args.int8 and args.include_nms:
+        raise ValueError("--int8 quantises the boxes/scores graph: drop --include-nms")
+    if args.calib_count < 1:
+        raise ValueError(f"--calib-count must be >= 1, got {args.calib_count}")
     return model
 
 
 def main(argv=None):
-    """Fuse, export, check against PyTorch, time, write the sidecar; returns a dict of paths and figures."""
+    """Fuse, export, check against PyTorch, quantise (--int8), time, write the sidecars; returns paths and figures."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
     onnx_path = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
-    sidecar_path = os.path.splitext(onnx_path)[0] + ".json"
     nms_args = dict(include_nms=args.include_nms, conf_threshold=args.conf, iou_threshold=args.iou,
                     max_detections=args.max_det)
     reference = ExportModel(model, **nms_args).eval()
@@ -295,13 +320,36 @@ def main(argv=None):
     outputs = output_spec(model, args.img_size, args.include_nms, args.dynamic_batch)
 
     export_onnx(exported, onnx_path, args.img_size, outputs, args.opset, args.dynamic_batch)
-    print(f"exported {onnx_path} (opset {args.opset}, {args.img_size}x{args.img_size}, "
+    print(f"exported {onnx_path} (opset {args.opset}, letterbox {args.img_size}, height and width dynamic, "
           f"batch {'dynamic' if args.dynamic_batch else 1}, outputs {', '.join(outputs)})")
-
     import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    from ort_detector import session_options
+    sessions = {"onnxruntime": onnxruntime.InferenceSession(onnx_path, session_options(torch.get_num_threads()),
+                                                            providers=["CPUExecutionProvider"])}
+    checks, passed = check_session(sessions["onnxruntime"], reference, exported, outputs, args)
+    write_json_atomic(sidecar(model, args, onnx_path, outputs), sidecar_path(onnx_path))
+    result = {"onnx_path": onnx_path, "sidecar_path": sidecar_path(onnx_path), "opset": args.opset,
+              "img_size": args.img_size, "checks": checks, "passed": passed, "threads": torch.get_num_threads()}
+    if args.int8:
+        result.update(write_int8(model, args, onnx_path, outputs))
+        sessions["onnxruntime_int8"] = onnxruntime.InferenceSession(
+            result["int8_path"], session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
+
+    result["latency_ms"] = latency = measure_latency({"pytorch": reference, "pytorch_fused": exported}, sessions,
+                                                     args.img_size, args.runs, args.warmup)
+    print(f"CPU latency, network only, batch 1, {args.img_size}x{args.img_size}, {torch.get_num_threads()} threads, "
+          f"median of {args.runs} runs after {args.warmup} warm-up: " +
+          ", ".join(f"{name} {ms:.2f} ms" for name, ms in latency.items()) + f" (onnxruntime {onnxruntime.__version__})")
+    print(f"wrote {sidecar_path(onnx_path)}")
+    if not passed:
+        raise ValueError(f"ONNX Runtime outputs differ from PyTorch's by more than {CHECK_TOLERANCE:g} (boxes: of "
+                         f"the input side; see the check lines above); {onnx_path} was written but should not "
+                         f"be trusted")
+    return result
+
+
+def check_session(session, reference, exported, outputs, args):
+    """Compare ONNX Runtime with PyTorch (and the fused with the unfused model) on the check inputs."""
     checks, passed = {}, True
     for description, images in check_inputs(args.img_size, args.dynamic_batch, args.check_image).items():
         expected = run_pytorch(reference, images)
@@ -311,22 +359,21 @@ def main(argv=None):
         passed &= within_tolerance(diffs, args.img_size)
         print(f"check {description}: max abs diff ONNX Runtime vs PyTorch {_describe(diffs, args.img_size)}; "
               f"BN-fused vs unfused PyTorch {_describe(fused_diff, args.img_size)}")
+    return checks, passed
 
-    latency = measure_latency({"pytorch": reference, "pytorch_fused": exported}, session, args.img_size,
-                              args.runs, args.warmup)
-    print(f"CPU latency, batch 1, {args.img_size}x{args.img_size}, {torch.get_num_threads()} threads, median of "
-          f"{args.runs} runs after {args.warmup} warm-up: PyTorch {latency['pytorch']:.2f} ms, PyTorch "
-          f"BN-fused {latency['pytorch_fused']:.2f} ms, ONNX Runtime {latency['onnxruntime']:.2f} ms "
-          f"(onnxruntime {onnxruntime.__version__})")
 
-    write_json_atomic(sidecar(model, args, onnx_path, outputs), sidecar_path)
-    print(f"wrote {sidecar_path}")
-    if not passed:
-        raise ValueError(f"ONNX Runtime outputs differ from PyTorch's by more than {CHECK_TOLERANCE:g} (boxes: of "
-                         f"the input side; see the check lines above); {onnx_path} was written but should not "
-                         f"be trusted")
-    return {"onnx_path": onnx_path, "sidecar_path": sidecar_path, "opset": args.opset, "img_size": args.img_size,
-            "checks": checks, "passed": passed, "latency_ms": latency, "threads": torch.get_num_threads()}
+def write_int8(model, args, onnx_path, outputs):
+    """NAME_int8.onnx beside the float model, and its sidecar (the float one's, plus the quantisation)."""
+    from quantize import calibration_images, quantize_int8
+    int8_path = os.path.splitext(onnx_path)[0] + "_int8.onnx"
+    images = calibration_images(args.calib_images, args.calib_count, args.calib_root)
+    quantization = quantize_int8(onnx_path, int8_path, images, args.img_size)
+    quantization["calibration"]["source"] = args.calib_images
+    write_json_atomic({**sidecar(model, args, int8_path, outputs), "quantization": quantization,
+                       "float_model": os.path.basename(onnx_path)}, sidecar_path(int8_path))
+    print(f"quantised {int8_path} (QDQ, int8 weights per channel, calibrated on {len(images)} images of "
+          f"{args.calib_images}); the float model stays at {onnx_path}")
+    return {"int8_path": int8_path, "int8_sidecar_path": sidecar_path(int8_path), "quantization": quantization}
 
 
 def _describe(diffs, img_size):

@@ -322,6 +322,7 @@ class LightweightDetector(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
         self._fused = False  # set by fuse(): BatchNorm folded away, inference only
+        self._fused_copy = FusedCopy()  # predict()'s network; not a submodule, not in the state dict
         # Layer groups whose weights came from pretraining (ImageNet or a checkpoint), set by the loaders;
         # the others are random. Fine-tuning freezes only these (a frozen random FPN teaches the head nothing).
         self.pretrained_groups = set()
@@ -365,32 +366,24 @@ class LightweightDetector(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def postprocess(self, outputs, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
-                    pre_nms_topk=1000):
+    def postprocess(self, outputs, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
         """Decode and NMS (class-aware, torchvision.ops.batched_nms). Boxes in network-input pixels."""
-        scores_all = outputs["cls_logits"].float().sigmoid()  # (B, A, C)
-        boxes_all = decode_boxes(outputs["points"], outputs["box_ltrb"].float())  # (B, A, 4)
-        num_classes = scores_all.shape[-1]
-        results = []
-        for scores, boxes in zip(scores_all, boxes_all):
-            scores = scores.flatten()
-            keep = torch.nonzero(scores >= conf_threshold).squeeze(1)  # "score >= t", as evaluate's P/R
-            if keep.numel() > pre_nms_topk:
-                keep = keep[scores[keep].topk(pre_nms_topk).indices]
-            scores, labels = scores[keep], keep % num_classes
-            boxes = boxes[keep // num_classes]
-            keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        scores = outputs["cls_logits"].float().sigmoid()  # (B, A, C)
+        boxes = decode_boxes(outputs["points"], outputs["box_ltrb"].float())  # (B, A, 4)
+        return select_detections(scores, boxes, conf_threshold, iou_threshold, max_detections)
 
     @torch.no_grad()
     def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100):
         """Detect objects in images of any size.
 
+        Each image is letterboxed (longer side to `img_size`, padded to the next multiple of 32: 320x256 for a
+        4:3 photo at 320), the network runs with BatchNorm folded into the convolutions (a fused copy, made on
+        the first call and made again whenever the weights change), and boxes are mapped back.
+
         Args:
             images: a CHW tensor, a BCHW batch, or a list of CHW tensors of different sizes; uint8 in
-                [0, 255] or float in [0, 1]. Each is letterboxed to `img_size` internally.
-            conf_threshold: keep detections scoring above it; None: `self.conf_threshold` (a fine-tuned
+                [0, 255] or float in [0, 1].
+            conf_threshold: keep detections scoring at least it; None: `self.conf_threshold` (a fine-tuned
                 checkpoint's calibrated threshold, else DEFAULT_CONF_THRESHOLD).
         Returns:
             one dict per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
@@ -398,21 +391,14 @@ class LightweightDetector(nn.Module):
         """
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
-        was_training = self.training
-        if was_training:  # train() walks every module: a few ms per call at batch 1, so only when needed
-            self.eval()
-        device = self.pixel_mean.device
         if conf_threshold is None:
             conf_threshold = self.conf_threshold
-        batch, ratios = zip(*(letterbox(img.to(device), self.img_size) for img in images))
-        outputs = self(torch.stack(batch))
-        results = self.postprocess(outputs, conf_threshold, iou_threshold, max_detections)
-        for result, (ratio_w, ratio_h), image in zip(results, ratios, images):
-            boxes = result["boxes"] / torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=device)
-            height, width = image.shape[-2:]
-            result["boxes"] = torchvision.ops.clip_boxes_to_image(boxes, (height, width))
-        if was_training:
-            self.train()
+        network = self if self._fused else self._fused_copy.get(self)
+        results = [None] * len(images)
+        for indices, batch, ratios in letterbox_groups(images, self.img_size, self.pixel_mean.device):
+            found = network.postprocess(network(batch), conf_threshold, iou_threshold, max_detections)
+            for index, result in zip(indices, unletterbox(found, ratios, [images[i].shape[-2:] for i in indices])):
+                results[index] = result
         return results
 
     def fuse(self):
@@ -570,22 +556,83 @@ class LightweightDetector(nn.Module):
                 **metadata}
 
 
-def letterbox(image, img_size):
-    """Resize the longer side to img_size (aspect kept), pad right/bottom with grey to a square.
+def letterbox(image, img_size, rect=False):
+    """Resize the longer side to img_size (aspect kept), pad right/bottom with grey: to a square, or with `rect`
+    to the next multiple of the largest stride (YOLO's rectangular inference: fewer pixels for the same scale).
 
-    Returns the float (3, img_size, img_size) image in [0, 1] and the (x, y) resize ratios, which map
-    boxes back to the original image by division.
+    Returns the float (3, H, W) image in [0, 1] and the (x, y) resize ratios, which map boxes back to the
+    original image by division.
     """
     height, width = image.shape[-2:]
     scale = img_size / max(height, width)
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    stride = max(STRIDES)
+    out_h, out_w = (math.ceil(new_h / stride) * stride, math.ceil(new_w / stride) * stride) if rect else (img_size,) * 2
     # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is much faster
     # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
     uint8 = image.dtype == torch.uint8
     image = TF.resize(image, [new_h, new_w], antialias=True)
-    image = F.pad(image, (0, img_size - new_w, 0, img_size - new_h),
-                  value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
+    image = F.pad(image, (0, out_w - new_w, 0, out_h - new_h), value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
     return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
+
+
+def letterbox_groups(images, img_size, device="cpu", rect=True):
+    """Letterboxes of CHW images (rectangular unless `rect` is False), batched by shape: one (indices, float
+    (B, 3, H, W) batch on `device`, resize ratios) per shape, so that an image is never padded further for its
+    neighbours and its detections do not depend on the batch it came in."""
+    boxed = [letterbox(image.to(device), img_size, rect=rect) for image in images]
+    groups = {}
+    for index, (image, _) in enumerate(boxed):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return [(indices, torch.stack([boxed[i][0] for i in indices]), [boxed[i][1] for i in indices])
+            for indices in groups.values()]
+
+
+def unletterbox(results, ratios, sizes):
+    """Map detections from network-input pixels back to each original (H, W) image, clipped to it."""
+    for result, (ratio_w, ratio_h), size in zip(results, ratios, sizes):
+        scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=result["boxes"].device)
+        result["boxes"] = torchvision.ops.clip_boxes_to_image(result["boxes"] / scale, tuple(size))
+    return results
+
+
+def select_detections(scores_all, boxes_all, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+                      pre_nms_topk=1000):
+    """Detections of a batch: scores (B, A, C) probabilities and boxes (B, A, 4) xyxy -> per image the (class,
+    box) pairs scoring at least `conf_threshold`, the `pre_nms_topk` best, class-aware NMS (batched_nms), the
+    `max_detections` best. The PyTorch model and the ONNX Runtime backend share it, so both select alike."""
+    num_classes = scores_all.shape[-1]
+    results = []
+    for scores, boxes in zip(scores_all, boxes_all):
+        scores = scores.flatten()
+        keep = torch.nonzero(scores >= conf_threshold).squeeze(1)  # "score >= t", as evaluate's P/R
+        if keep.numel() > pre_nms_topk:
+            keep = keep[scores[keep].topk(pre_nms_topk).indices]
+        scores, labels = scores[keep], keep % num_classes
+        boxes = boxes[keep // num_classes]
+        keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return results
+
+
+class FusedCopy:
+    """The BatchNorm-fused eval copy predict() runs, made again whenever the model's weights or buffers change
+    (an optimizer step, load_state_dict, .to(): each changes a tensor's version counter or its storage), so a
+    notebook gets the fused speed without ever being served stale weights. Deep copies of the model start empty."""
+
+    def __init__(self):
+        self.key, self.model = None, None
+
+    def get(self, model):
+        key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+        if key != self.key or self.model is None:
+            self.model = fuse_batchnorm(model).set_memory_format(model.memory_format)
+            self.model._fused = True
+            self.key = key
+        return self.model
+
+    def __deepcopy__(self, memo):
+        return FusedCopy()
 
 
 def load_checkpoint_file(path, what="checkpoint"):

@@ -36,7 +36,7 @@ from config import run_cli, write_json_atomic
 from annotations import index_coco, read_annotations
 from dataset_coco import load_image
 from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
-from model_lightweight import load_model
+from ort_detector import load_detector
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
 
 logger = logging.getLogger("predict")
@@ -295,7 +295,12 @@ def above(result, conf_threshold):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
+    parser.add_argument("--checkpoint", required=True, help="best_model.pth written by training, or an exported .onnx "
+                                                            "(with its sidecar JSON)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"),
+                        help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, beside it); "
+                             "default: the checkpoint's kind")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch or ONNX Runtime")
     parser.add_argument("--source", required=True, help="an image, a video, a folder of them, or a quoted glob")
     parser.add_argument("--conf", type=float, default=None,
                         help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
@@ -320,13 +325,14 @@ def get_args_parser():
     return parser
 
 
-def _load(checkpoint, device):
+def _load(args):
+    """The detector of --checkpoint on --backend (a .pth in ONNX Runtime is exported beside it first)."""
+    if not os.path.isfile(args.checkpoint):
+        raise PredictError(f"--checkpoint not found: {args.checkpoint}")
     try:
-        return load_model(checkpoint, device=device)
-    except FileNotFoundError:
-        raise PredictError(f"--checkpoint not found: {checkpoint}") from None
+        return load_detector(args.checkpoint, args.backend, args.device, args.threads)
     except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
-        raise PredictError(f"cannot load --checkpoint {checkpoint}: {type(error).__name__}: "
+        raise PredictError(f"cannot load --checkpoint {args.checkpoint}: {type(error).__name__}: "
                            f"{(str(error) or '?').splitlines()[0]}") from None
 
 
@@ -342,14 +348,18 @@ def main(argv=None):
     paths, names, videos = find_sources(args.source)
     for video in videos:  # a missing or undecodable video stops the run before anything is written
         open_video(video)[0].close()
-    model = _load(args.checkpoint, args.device).fuse()  # inference only: BatchNorm folded, same outputs
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    save_dir = numbered_dir(args.save_dir, args.exist_ok)
     if args.compile:
+        if not hasattr(model, "compile"):
+            raise PredictError("--compile is for the PyTorch backend; ONNX Runtime optimises its graph itself")
         model.compile()  # nn.Module.compile: predict()'s self(...) runs the compiled forward
     class_names = list(model.class_names)
     if args.conf is None:
         args.conf = model.conf_threshold
         logger.info("score threshold %.3f (the checkpoint's; --conf overrides it)", args.conf)
-    save_dir = numbered_dir(args.save_dir, args.exist_ok)
     summary = {"images": 0, "skipped": [], "detections": 0, "videos": {}, "save_dir": save_dir,
                "predictions_json": None}
     if paths:

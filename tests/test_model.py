@@ -249,3 +249,35 @@ def test_every_torch_load_is_weights_only():
             for start in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
                 call = text[start:text.index(")", start) + 1]
                 assert "weights_only=True" in call, (name, call)
+
+
+def test_predict_runs_a_fused_copy_never_stale_after_a_weight_change():
+    """predict() gets the BatchNorm-fused speed by itself: a fused copy made on the first call, made again after a
+    training step (even one taken in eval mode), load_state_dict or .to(); never served with old weights."""
+    from losses import DetectionLoss
+    from model_lightweight import fuse_batchnorm
+    torch.manual_seed(0)
+    model = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False).eval()
+    image = torch.rand(3, 48, 64)
+
+    def fresh(m):
+        return fuse_batchnorm(m).predict(image, conf_threshold=0.0)[0]["scores"]
+
+    first = model.predict(image, conf_threshold=0.0)[0]["scores"]
+    copy = model._fused_copy.model
+    assert copy is not None and copy._fused and not model._fused  # the model itself stays trainable
+    assert torch.allclose(first, fresh(model), atol=1e-5)
+    model.predict(image, conf_threshold=0.0)
+    assert model._fused_copy.model is copy  # unchanged weights: the same copy
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    targets = [{"boxes_xyxy": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([0])}]
+    DetectionLoss()(model(torch.rand(1, 3, 64, 64)), targets)["loss"].backward()
+    optimizer.step()  # a step in eval mode: nothing but the weights' versions tells
+    stepped = model.predict(image, conf_threshold=0.0)[0]["scores"]
+    assert not torch.allclose(stepped, first) and torch.allclose(stepped, fresh(model), atol=1e-5)
+
+    other = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False).eval()
+    model.load_state_dict(other.state_dict())
+    assert torch.allclose(model.predict(image, conf_threshold=0.0)[0]["scores"], fresh(other), atol=1e-5)
+    assert "_fused_copy" not in " ".join(model.state_dict())  # not a submodule: not saved

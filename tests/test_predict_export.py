@@ -76,7 +76,8 @@ def predict_args(setup, source, save_dir, *extra):
 # ---------------------------------------------------------------------------------------------- predict
 
 def test_predict_folder_writes_drawn_images_and_coco_results(setup, tmp_path, capsys):
-    summary = predict.main(predict_args(setup, setup["image_dir"], tmp_path, "--ann", setup["ann_path"]))
+    summary = predict.main(predict_args(setup, setup["image_dir"], tmp_path / "out", "--ann", setup["ann_path"]))
+    tmp_path = tmp_path / "out"  # the run's folder, made by predict.py
 
     inputs = sorted(os.listdir(setup["image_dir"]))
     assert sorted(os.listdir(tmp_path)) == sorted(inputs + ["predictions.json"])
@@ -184,14 +185,14 @@ def test_export_onnx_matches_pytorch(setup, tmp_path, dynamic):
             "--warmup", "0", "--check-image", check_image] + (["--dynamic-batch"] if dynamic else [])
     result = export.main(args)
     assert result["passed"] and result["opset"] == export.DEFAULT_OPSET
-    assert len(result["checks"]) == (3 if dynamic else 2)  # random batch 1 (and 2), the letterboxed image
+    assert len(result["checks"]) == (4 if dynamic else 3)  # square, 4:3 (and batch 2), the letterboxed image
     for check in result["checks"].values():  # at 64 px even the boxes agree to 1e-4 px
         assert max(check["onnxruntime_vs_pytorch"].values()) <= 1e-4
     assert set(result["latency_ms"]) == {"pytorch", "pytorch_fused", "onnxruntime"}
 
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["class_names"] == CLASS_NAMES and sidecar["opset"] == export.DEFAULT_OPSET
-    assert sidecar["input"]["shape"] == ["batch" if dynamic else 1, 3, 64, 64]
+    assert sidecar["input"]["shape"] == ["batch" if dynamic else 1, 3, "height", "width"]
     assert sidecar["input"]["normalization"]["applied_inside_model"] is True
     assert sidecar["input"]["letterbox"]["pad_value"] == pytest.approx(114 / 255)
     assert list(sidecar["outputs"]) == ["boxes", "scores"]
@@ -205,6 +206,11 @@ def test_export_onnx_matches_pytorch(setup, tmp_path, dynamic):
     assert boxes.shape == (len(images), 64 + 16 + 4, 4) and scores.shape == (len(images), 84, 2)
     np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
     np.testing.assert_allclose(scores, want_scores, atol=1e-4, rtol=0)
+    rect = letterbox(load_image(check_image)[:, :48], 64, rect=True)[0][None]  # height and width are dynamic
+    assert rect.shape[-2:] == (32, 64)
+    boxes, scores = session.run(["boxes", "scores"], {"images": rect.numpy()})
+    want_boxes, want_scores = pytorch_outputs(load_model(setup["checkpoint"]), rect)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
 
 
 def test_export_with_nms_matches_model_postprocess(setup, tmp_path):
@@ -315,3 +321,76 @@ def test_a_missing_or_undecodable_video_is_one_line_and_exit_2(setup, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and str(path) in err[0]
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime, INT8
+
+def test_the_onnxruntime_backend_predicts_what_pytorch_predicts(setup, tmp_path):
+    """predict.py and evaluate.py with --backend onnxruntime: the same letterbox (rectangular), selection and
+    mapping back; boxes within 1 px and scores within 1e-3 of PyTorch's, on square and 4:3 photos."""
+    from ort_detector import load_detector
+    source = tmp_path / "photos"
+    source.mkdir()
+    for name in sorted(os.listdir(setup["image_dir"])):
+        image = Image.open(os.path.join(setup["image_dir"], name))
+        image.save(source / name)
+        image.resize((96, 48)).save(source / f"wide_{name}")  # 2:1: letterboxed to 64 wide, 32 high
+    torch_run = predict.main(predict_args(setup, source, tmp_path / "torch", "--conf", "0.05"))
+    ort_run = predict.main(predict_args(setup, source, tmp_path / "ort", "--conf", "0.05", "--backend", "onnxruntime"))
+    assert os.path.isfile(os.path.splitext(setup["checkpoint"])[0] + ".onnx")  # exported beside the checkpoint
+    want = json.loads(open(torch_run["predictions_json"]).read())
+    got = json.loads(open(ort_run["predictions_json"]).read())
+    assert len(want) == len(got) > 0
+    for a, b in zip(sorted(want, key=lambda d: (d["file_name"], -d["score"])),
+                    sorted(got, key=lambda d: (d["file_name"], -d["score"]))):
+        assert a["file_name"] == b["file_name"] and a["category_id"] == b["category_id"]
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1.0 and abs(a["score"] - b["score"]) <= 1e-3
+    detector = load_detector(os.path.splitext(setup["checkpoint"])[0] + ".onnx")
+    assert detector.class_names == CLASS_NAMES and detector.rect
+    metrics = {backend: evaluate_main(setup, backend) for backend in ("pytorch", "onnxruntime")}
+    assert metrics["onnxruntime"]["mAP"] == pytest.approx(metrics["pytorch"]["mAP"], abs=1e-3)
+
+
+def evaluate_main(setup, backend):
+    import evaluate
+    return evaluate.main(["--checkpoint", setup["checkpoint"], "--ann", setup["ann_path"], "--root",
+                          setup["image_dir"], "--backend", backend, "--conf", str(CONF)])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A nano that has learned 8 synthetic images (so that quantisation has scores to lose), and its checkpoint."""
+    from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms
+    from engine import StepOptions, TrainState, seed_everything, train_one_epoch
+    from losses import DetectionLoss
+    root = tmp_path_factory.mktemp("int8")
+    ann = write_shapes_split(root / "images", root / "ann.json", 8, CLASS_NAMES, img_size=96, seed=5)
+    seed_everything(0)
+    train = CocoDetectionDataset(ann, root / "images", transforms=build_transforms("letterbox", 64))
+    model = create_lightweight_model(2, "nano", img_size=64)
+    optimizer = torch.optim.AdamW(model.get_param_groups(3e-3, 3e-3, 3e-3, weight_decay=1e-4))
+    state = TrainState(model, optimizer)
+    loader = build_dataloader(train, batch_size=8, shuffle=True, num_workers=0)
+    for epoch in range(40):
+        train_one_epoch(model, DetectionLoss(), loader, state, StepOptions(clip_grad_norm=5.0), epoch, progress=False)
+    checkpoint = str(root / "trained.pth")
+    save_checkpoint(model_checkpoint(model.eval(), CLASS_NAMES), checkpoint)
+    return {"checkpoint": checkpoint, "ann": ann, "images": str(root / "images")}
+
+
+def test_int8_export_runs_and_keeps_most_of_the_float_map(trained, tmp_path):
+    import evaluate
+    result = export.main(["--checkpoint", trained["checkpoint"], "--output", str(tmp_path / "m.onnx"), "--int8",
+                          "--calib-images", trained["images"], "--calib-count", "6", "--runs", "1", "--warmup", "0"])
+    assert os.path.isfile(tmp_path / "m.onnx") and os.path.isfile(tmp_path / "m_int8.onnx")  # float kept beside
+    sidecar = json.loads((tmp_path / "m_int8.json").read_text())
+    assert sidecar["quantization"]["format"] == "QDQ" and sidecar["quantization"]["calibration"]["images"] == 6
+    assert sidecar["float_model"] == "m.onnx" and "onnxruntime_int8" in result["latency_ms"]
+    import onnx
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    scores = {name: evaluate.main(["--checkpoint", str(tmp_path / name), "--ann", trained["ann"], "--root",
+                                   trained["images"]]) for name in ("m.onnx", "m_int8.onnx")}
+    assert scores["m.onnx"]["mAP50"] > 0.5  # the float model learned: a score quantisation could lose
+    assert scores["m_int8.onnx"]["mAP50"] >= scores["m.onnx"]["mAP50"] - 0.1
+    assert scores["m_int8.onnx"]["mAP"] >= scores["m.onnx"]["mAP"] - 0.1
