@@ -292,6 +292,15 @@ def add_run_flags(parser, defaults):
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
 
 
+def command_line(argv, resolve_config, train):
+    """A training script's main(argv): its output on stderr, `resolve_config(argv) -> (config, checkpoint)`, then
+    `train(config, checkpoint, argv)`; returns what train returns."""
+    script_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config, checkpoint = resolve_config(argv)
+    return train(config, checkpoint, argv)
+
+
 def script_logging():
     """A script's command-line output: INFO lines on stderr from rank 0, warnings from the others. Only main()
     calls it; the Python API leaves logging as its caller configured it."""

@@ -23,7 +23,6 @@ tensorboard/.
 """
 import logging
 import os
-import sys
 
 import torch
 
@@ -31,10 +30,9 @@ import config as cfg
 import distributed
 import engine
 import runs
-from backbone_efficientnet import MissingWeightsPackageError
 from dataset_coco import CocoDetectionDataset, build_transforms, dataset_report, load_train_val
-from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, create_lightweight_model, has_imagenet_weights,
-                               INITS, init_model_size, load_init)
+from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights,
+                               INITS, init_model_size)
 
 logger = logging.getLogger("finetune")
 
@@ -71,12 +69,8 @@ def get_args_parser(defaults):
 def resolve_config(typed, argv=None):
     """config_transfer_learning.json < --config < `typed` (flags or keyword arguments); on --resume the run's own
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
-    defaults = cfg.script_defaults("finetuning")
-    cfg.check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
-    from_file = cfg.file_values(typed["config"], "finetuning", defaults) if typed.get("config") else {}
-    config = {**defaults, **from_file, **typed}
-    config, checkpoint = runs.load_resume(config, typed, "finetuning", defaults, LAYOUT, SCRIPT, FIXED_KEYS)
-    cfg.check_data(config, {**from_file, **typed})
+    config, checkpoint, explicit = runs.resolve("finetuning", typed, LAYOUT, SCRIPT, FIXED_KEYS)
+    cfg.check_data(config, explicit)
     if checkpoint is None:
         resolve_init(config, typed)
     if config["epochs"] is not None:
@@ -232,24 +226,6 @@ def build_data(config):
     return runs.training_loader(train, config, drop_last=True), val, train.class_names, split
 
 
-def build_model(config, num_classes, checkpoint=None):
-    """The model with its starting weights and their provenance (which groups were pretrained); on --resume the
-    weights come from the checkpoint and the provenance from its config."""
-    try:
-        model = create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"],
-                                         imagenet_pretrained=False)
-        if checkpoint is not None:  # runs from before provenance-aware stages froze every group as the recipe said
-            return model, config.get("provenance") or {"weights": "(not recorded)", "pretrained": list(LAYER_GROUPS),
-                                                       "new": []}
-        loaded = load_init(model, config["init"])
-    except (MissingWeightsPackageError, ValueError) as error:
-        raise cfg.ConfigError(str(error)) from None
-    logger.info("init: %s", loaded)
-    return model, {"weights": loaded, "pretrained": [g for g in LAYER_GROUPS if g in model.pretrained_groups],
-                   "new": [g for g in LAYER_GROUPS if g not in model.pretrained_groups]}
-
-
-# ---- the run ------------------------------------------------------------------------------------------------
 def train(config, checkpoint=None, argv=None):
     """Run (or resume) a fine-tuning. Returns the summary (also in summary.json); {} on ranks > 0 under torchrun,
     where every rank trains on its shard and rank 0 evaluates and writes."""
@@ -257,7 +233,7 @@ def train(config, checkpoint=None, argv=None):
     loader, val_dataset, class_names, split = build_data(config)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
-    model, config["provenance"] = build_model(config, 1, checkpoint)
+    model, config["provenance"] = runs.build_model(config, 1, checkpoint)
     provenance = config["provenance"]
     logger.info("pretrained groups: %s; new (random) groups: %s", ", ".join(provenance["pretrained"]) or "none",
                 ", ".join(provenance["new"]) or "none")
@@ -296,10 +272,7 @@ def finetune(**settings):
 
 def main(argv=None):
     """The command line: finetune() with its output on stderr; returns the summary."""
-    cfg.script_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config, checkpoint = resolve_config(typed_flags(argv))
-    return train(config, checkpoint, argv)
+    return cfg.command_line(argv, lambda args: resolve_config(typed_flags(args)), train)
 
 
 def run():

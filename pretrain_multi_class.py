@@ -18,7 +18,6 @@ backbone_weights/{best,last}_backbone.pth, config.json, metrics.csv, summary.jso
 """
 import collections
 import logging
-import sys
 
 import torch
 
@@ -26,10 +25,8 @@ import config as cfg
 import distributed
 import engine
 import runs
-from backbone_efficientnet import MissingWeightsPackageError
 from dataset_coco import CocoDetectionDataset, build_transforms, coco_layout_paths, dataset_report, load_train_val
-from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, create_lightweight_model, has_imagenet_weights,
-                               load_init)
+from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights)
 
 logger = logging.getLogger("pretrain")
 
@@ -68,13 +65,9 @@ def get_args_parser(defaults):
 def resolve_config(typed):
     """config_transfer_learning.json < --config < `typed` (flags or keyword arguments); on --resume the run's own
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
-    defaults = cfg.script_defaults("pretraining")
-    cfg.check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
-    from_file = cfg.file_values(typed["config"], "pretraining", defaults) if typed.get("config") else {}
-    config = {**defaults, **from_file, **typed}
-    config, checkpoint = runs.load_resume(config, typed, "pretraining", defaults, LAYOUT, SCRIPT, FIXED_KEYS)
+    config, checkpoint, explicit = runs.resolve("pretraining", typed, LAYOUT, SCRIPT, FIXED_KEYS)
     if config["train_ann"]:
-        cfg.check_data(config, {**from_file, **typed})
+        cfg.check_data(config, explicit)
     config["classes"] = parse_classes(config["classes"])
     if config["init"] is None:
         config["init"] = "imagenet" if has_imagenet_weights(config["model_size"]) else "random"
@@ -172,23 +165,6 @@ def build_data(config):
     return runs.training_loader(train, config), val, train.class_names, split
 
 
-def build_model(config, num_classes, checkpoint=None):
-    """The model with its starting weights (--init) and their provenance; on --resume the checkpoint's
-    architecture, whose weights are restored afterwards."""
-    if checkpoint is not None:
-        model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)
-        return model, config.get("provenance") or {"weights": "(not recorded)", "pretrained": [], "new": []}
-    try:
-        model = create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"],
-                                         imagenet_pretrained=False)
-        loaded = load_init(model, config["init"])
-    except (MissingWeightsPackageError, ValueError) as error:
-        raise cfg.ConfigError(str(error)) from None
-    logger.info("init: %s", loaded)
-    return model, {"weights": loaded, "pretrained": [g for g in LAYER_GROUPS if g in model.pretrained_groups],
-                   "new": [g for g in LAYER_GROUPS if g not in model.pretrained_groups]}
-
-
 def build_optimizer(config, model, iters_per_epoch, lr_scale=1.0):
     """AdamW over the backbone/FPN/head groups; linear warmup then cosine warm restarts, per iteration.
     The warmup is capped at 3 epochs (YOLOv5's warmup_epochs): on a small data set 300 iterations can be
@@ -213,7 +189,7 @@ def train(config, checkpoint=None, argv=None):
     config["classes"] = list(class_names)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
-    model, config["provenance"] = build_model(config, len(class_names), checkpoint)
+    model, config["provenance"] = runs.build_model(config, len(class_names), checkpoint)
     run = runs.open_run(config, class_names, LAYOUT, SCRIPT, "multi_class", checkpoint) \
         if distributed.is_main_process() else None
     runs.write_split(run, split)
@@ -255,10 +231,7 @@ def pretrain(**settings):
 
 def main(argv=None):
     """The command line: pretrain() with its output on stderr."""
-    cfg.script_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config, checkpoint = resolve_config(typed_flags(argv))
-    return train(config, checkpoint, argv)
+    return cfg.command_line(argv, lambda args: resolve_config(typed_flags(args)), train)
 
 
 def run(argv=None):

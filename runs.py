@@ -23,12 +23,14 @@ import torch
 
 import distributed
 import engine
-from config import ConfigError, file_values, load_json, resumed, write_json_atomic
+from config import ConfigError, check_types, file_values, load_json, resumed, script_defaults, write_json_atomic
 from dataset_coco import build_dataloader
 from evaluate import evaluate
 from losses import DetectionLoss
 from plots import plot_results
-from model_lightweight import DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, model_checkpoint, save_checkpoint
+from backbone_efficientnet import MissingWeightsPackageError
+from model_lightweight import (DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, create_lightweight_model, load_init, model_checkpoint,
+                               save_checkpoint)
 
 logger = logging.getLogger(__name__)
 SPLIT_FILE = "split.json"
@@ -77,6 +79,21 @@ def run_dir_of(checkpoint_path, layout):
     return run_dir
 
 
+def resolve(section, typed, layout, script, fixed_keys):
+    """A script's settings: config_transfer_learning.json's `section` < --config < `typed` (flags or keyword
+    arguments), or on --resume the run's own config < --config < `typed`.
+
+    Returns:
+        (config, resume checkpoint or None, the keys given explicitly by --config or `typed`).
+    """
+    defaults = script_defaults(section)
+    check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
+    from_file = file_values(typed["config"], section, defaults) if typed.get("config") else {}
+    config, checkpoint = load_resume({**defaults, **from_file, **typed}, typed, section, defaults, layout, script,
+                                     fixed_keys)
+    return config, checkpoint, {**from_file, **typed}
+
+
 def load_resume(config, typed, section, defaults, layout, script, fixed_keys):
     """The config and checkpoint of a --resume: RUN or its `last` checkpoint, the run's own settings with a
     --config file and typed flags over them (those in `fixed_keys` cannot change).
@@ -102,6 +119,26 @@ def load_resume(config, typed, section, defaults, layout, script, fixed_keys):
     config = resumed(config, checkpoint["config"], overrides, fixed_keys, path)
     config["resume"] = path
     return config, checkpoint
+
+
+def build_model(config, num_classes, checkpoint=None):
+    """The model of a run and the provenance of its weights ({"weights", "pretrained", "new"} layer groups): a new
+    run's starting weights come from --init (model_lightweight.load_init); a resumed run's architecture from its
+    checkpoint, whose weights are restored later, and its provenance from its config (a run from before
+    provenance-aware stages froze every group as the recipe said, so: all pretrained)."""
+    if checkpoint is not None:
+        model = create_lightweight_model(**checkpoint["model_config"], imagenet_pretrained=False)
+        return model, config.get("provenance") or {"weights": "(not recorded)", "pretrained": list(LAYER_GROUPS),
+                                                   "new": []}
+    try:
+        model = create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"],
+                                         imagenet_pretrained=False)
+        loaded = load_init(model, config["init"])
+    except (MissingWeightsPackageError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    logger.info("init: %s", loaded)
+    return model, {"weights": loaded, "pretrained": [g for g in LAYER_GROUPS if g in model.pretrained_groups],
+                   "new": [g for g in LAYER_GROUPS if g not in model.pretrained_groups]}
 
 
 def check_not_finished(checkpoint, total_epochs, path):

@@ -1,13 +1,17 @@
-"""CPU speed of every model size against torchvision's ssdlite320_mobilenet_v3_large, all in one run.
+"""CPU speed of every model size against torchvision's ssdlite320 and Ultralytics' YOLOv8n / YOLO11n, in one run.
 
     python benchmarks/speed.py                                  # writes benchmarks/results/speed.md
+    pip install ultralytics                                     # optional: adds the YOLO peers (random weights
+                                                                # from their YAML; nothing is downloaded)
     python benchmarks/speed.py --sizes nano tiny --repeats 10 --skip-loader
     python benchmarks/speed.py --threads 2 --skip-train --output /tmp/speed.md
 
 Measures, on this machine: batch-1 fp32 latency of the model forward and of the full predict()
 (letterbox, forward, decoding, NMS); training throughput (forward, loss, backward, optimizer step) and
 its peak RSS, each in a fresh subprocess; data-loader throughput with the `strong` and `moderate`
-augmentations on a generated COCO folder; params and MACs; and the gain of each CPU optimisation
+augmentations on a generated COCO folder; params and MACs; deployment latency end to end and network only in
+PyTorch (unfused, fused), ONNX Runtime fp32 and INT8, against the YOLO peers when ultralytics is installed (no
+other module of the project imports it); and the gain of each CPU optimisation
 (BatchNorm fusion, channels_last, uint8 letterbox, predict() without mode switches), each before/after in
 this run, the two run alternately.
 Times are the median of --repeats runs after --warmup, with the min-max range; latencies of all models
@@ -143,7 +147,7 @@ def latency_fns(name, model, img_size, compile_models=True):
     tensor = torch.rand(1, 3, img_size, img_size, generator=generator)
     fused = copy.deepcopy(model).fuse()
     fns = {"forward_ms": lambda: model(tensor),
-           "predict_ms": lambda: model.predict(frame, conf_threshold=SCORE_THRESHOLD),
+           "predict_ms": lambda: unfused_predict(model, frame, SCORE_THRESHOLD),
            "predict_fused_ms": lambda: fused.predict(frame, conf_threshold=SCORE_THRESHOLD)}
     if compile_models:
         compiled = copy.deepcopy(model).fuse()
@@ -163,6 +167,162 @@ def latencies(models, img_size, args):
             for name, value in timed.items():
                 results[name][column] = value
     return results
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+
+PEERS = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml"}  # Ultralytics models, built from their YAML
+DEPLOY_CONF = 0.25  # every detector keeps what scores at least this (Ultralytics' predict default)
+
+
+def unfused_predict(model, frame, conf_threshold=DEPLOY_CONF):
+    """model.predict() without its BatchNorm-fused copy: the BatchNorm passes run."""
+    from model_lightweight import letterbox_groups, unletterbox
+    results = []
+    for _, batch, ratios in letterbox_groups([frame], model.img_size):
+        results += unletterbox(model.postprocess(model(batch), conf_threshold), ratios, [frame.shape[-2:]])
+    return results
+
+
+def exported(model, folder, name, img_size, calibration):
+    """(float, INT8) OrtDetectors of `model`, exported and quantised in `folder` with export.py's own code."""
+    import export
+    from model_lightweight import model_checkpoint, save_checkpoint
+    from ort_detector import OrtDetector
+    checkpoint = os.path.join(folder, f"{name}.pth")
+    save_checkpoint(model_checkpoint(model, [f"class{i}" for i in range(model.num_classes)]), checkpoint)
+    export.main(["--checkpoint", checkpoint, "--int8", "--calib-images", calibration, "--calib-count", "8",
+                 "--runs", "1", "--warmup", "0", "--img-size", str(img_size)])
+    threads = torch.get_num_threads()
+    return (OrtDetector(os.path.join(folder, f"{name}.onnx"), threads),
+            OrtDetector(os.path.join(folder, f"{name}_int8.onnx"), threads))
+
+
+def ultralytics_peers(img_size, folder):
+    """{name: (YOLO model, its fused network exported to an ONNX Runtime session)}, or {} without ultralytics.
+    Random weights built from the YAML: nothing is downloaded. `pip install ultralytics` to include them."""
+    try:
+        from ultralytics import YOLO
+    except ImportError:
+        print("ultralytics is not installed: no YOLO peers (pip install ultralytics to add them)", flush=True)
+        return {}
+    import onnxruntime
+    import warnings
+    from ort_detector import session_options
+    peers = {}
+    for name, yaml in PEERS.items():
+        model = YOLO(yaml)
+        network = model.model.fuse().eval()
+
+        class Outputs(torch.nn.Module):  # the raw (1, 4 + classes, anchors) predictions, as Ultralytics exports
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x)[0]
+        path = os.path.join(folder, f"{name}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Outputs(network), (torch.rand(1, 3, img_size, img_size),), path, dynamo=False,
+                              opset_version=17, input_names=["images"], output_names=["output0"])
+        session = onnxruntime.InferenceSession(path, session_options(torch.get_num_threads()),
+                                               providers=["CPUExecutionProvider"])
+        peers[name] = (model, session)
+    return peers
+
+
+def deployment_fns(sizes, args, folder):
+    """{(row, column): closure}: end to end on a 640x480 photo (letterbox, network, selection and NMS at
+    DEPLOY_CONF) and network only at img_size x img_size, for our sizes, ssdlite and the YOLO peers."""
+    from model_lightweight import fuse_batchnorm
+    generator = torch.Generator().manual_seed(0)
+    frame = camera_frame(args.img_size, generator)
+    calibration = os.path.join(folder, "calibration")
+    os.makedirs(calibration)
+    for index in range(8):
+        torchvision.io.write_jpeg(camera_frame(args.img_size, generator), os.path.join(calibration, f"{index}.jpg"))
+    square = torch.rand(1, 3, args.img_size, args.img_size, generator=generator)
+    fns = {}
+    for size in sizes:
+        torch.manual_seed(0)
+        model = build_model(size, args.num_classes, args.img_size).eval()
+        fused = fuse_batchnorm(model)
+        float_ort, int8_ort = exported(model, folder, size, args.img_size, calibration)
+        fns.update({(size, "pytorch"): lambda m=model: unfused_predict(m, frame),
+                    (size, "pytorch_fused"): lambda m=fused: m.predict(frame, DEPLOY_CONF),
+                    (size, "ort_fp32"): lambda d=float_ort: d.predict(frame, DEPLOY_CONF),
+                    (size, "ort_int8"): lambda d=int8_ort: d.predict(frame, DEPLOY_CONF),
+                    (size, "ort_fp32_network"): lambda d=float_ort: d(square),
+                    (size, "ort_int8_network"): lambda d=int8_ort: d(square)})
+    ssd = build_model(BASELINE, args.num_classes, args.img_size).eval()
+    float_frame = frame.float() / 255
+    fns[(BASELINE, "pytorch")] = lambda: ssd([float_frame])
+    image_bgr = frame.permute(1, 2, 0).flip(-1).contiguous().numpy()  # Ultralytics reads OpenCV's BGR arrays
+    for name, (model, session) in ultralytics_peers(args.img_size, folder).items():
+        fns[(name, "pytorch")] = lambda m=model: m.predict(image_bgr, imgsz=args.img_size, conf=DEPLOY_CONF,
+                                                           verbose=False)
+        fns[(name, "ort_fp32_network")] = lambda s=session: s.run(None, {"images": square.numpy()})
+    return fns
+
+
+def deployment(sizes, args):
+    """{row: {column: time_ms}}, every closure of deployment_fns timed round-robin in this process."""
+    with tempfile.TemporaryDirectory(prefix="speed_deploy_") as folder, torch.no_grad():
+        fns = deployment_fns(sizes, args, folder)
+        timed = time_ms_interleaved(fns, args.repeats, args.warmup)
+    rows = {}
+    for (row, column), value in timed.items():
+        rows.setdefault(row, {})[column] = value
+    return rows
+
+
+DEPLOY_COLUMNS = (("pytorch", "PyTorch predict() ms"), ("pytorch_fused", "PyTorch predict() fused ms"),
+                  ("ort_fp32", "ONNX Runtime fp32 ms"), ("ort_int8", "ONNX Runtime INT8 ms"),
+                  ("ort_fp32_network", "ORT fp32 network only ms"), ("ort_int8_network", "ORT INT8 network only ms"))
+
+
+def deployment_report(rows, args):
+    """The table against the peers and the ratios to YOLOv8n (same backend; its predict() for end to end)."""
+    lines = ["", "## Deployment against the detectors people pick", "",
+             f"A {args.img_size * 2}x{args.img_size * 3 // 2} uint8 photo, end to end (letterbox, network, "
+             f"selection and NMS at score {DEPLOY_CONF}; decoding the file excluded): our predict() letterboxes to "
+             f"the next multiple of 32 ({args.img_size}x{-(-args.img_size * 3 // 4 // 32) * 32} here), as "
+             f"Ultralytics' predict() does; ONNX Runtime runs export.py's graphs (INT8: --int8, "
+             f"calibrated on 8 frames) with the same letterbox and selection (ort_detector.py). Network only: "
+             f"a {args.img_size}x{args.img_size} input through the session. Random weights, {args.num_classes} "
+             f"classes for ours and ssdlite (YOLO: their YAML's 80); batch 1, median (min-max) of {args.repeats} "
+             f"runs after {args.warmup} warm-up, all round-robin in one process.", "",
+             "| model | " + " | ".join(title for _, title in DEPLOY_COLUMNS) + " |",
+             "|---|" + "---|" * len(DEPLOY_COLUMNS)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_ms(row[key]) if key in row else "-" for key, _ in DEPLOY_COLUMNS)
+                     + " |")
+    peer = rows.get("yolov8n")
+    if not peer:
+        return lines
+    base, network = peer["pytorch"]["median"], peer["ort_fp32_network"]["median"]
+    lines += ["", "Ratios to YOLOv8n (end to end: to its predict(); network only: to its ONNX in ONNX Runtime):", "",
+              "| model | " + " | ".join(title.replace(" ms", "") for _, title in DEPLOY_COLUMNS) + " |",
+              "|---|" + "---|" * len(DEPLOY_COLUMNS)]
+    for name, row in rows.items():
+        cells = [f"{row[key]['median'] / (network if 'network' in key else base):.2f}" if key in row else "-"
+                 for key, _ in DEPLOY_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def deployment_targets(rows):
+    peer = rows.get("yolov8n")
+    if not peer:
+        return []
+    base = peer["pytorch"]["median"]
+    wanted = (("lite0", "ort_int8", 0.6), ("lite0", "pytorch_fused", 1.0), ("tiny", "ort_int8", 0.3),
+              ("tiny", "pytorch_fused", 0.5))
+    titles = dict(DEPLOY_COLUMNS)
+    return [(f"{size} {titles[key].replace(' ms', '')} / YOLOv8n predict()", rows[size][key]["median"] / base,
+             f"<= {limit}", rows[size][key]["median"] / base <= limit)
+            for size, key, limit in wanted if size in rows and key in rows[size]]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -323,7 +483,7 @@ def _ratio(a, b):
     return a / b if b else float("nan")
 
 
-def report(args, info, rows, loaders, gains, ratios):
+def report(args, info, rows, loaders, gains, ratios, deploy_lines=()):
     lines = ["# CPU speed", "",
              f"Machine: {info['cpu']}, {info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs; "
              f"{info['torch_threads']} torch threads; torch {info['torch']}, torchvision {info['torchvision']}, "
@@ -368,6 +528,7 @@ def report(args, info, rows, loaders, gains, ratios):
             gain = (f"{before / after:.2f}x faster" if unit == "ms" and after else
                     f"{after / before:.2f}x faster" if unit == "images/s" else f"-{before:.2f} ms")
             lines.append(f"| {what} | {before:.2f} | {after:.2f} | {unit} | {gain} |")
+    lines += list(deploy_lines)
     lines += ["", "Targets (ratios within this run):", ""]
     lines += [f"- {text}: **{value:.2f}** (target {target}) {'met' if ok else 'NOT met'}"
               for text, value, target, ok in ratios]
@@ -421,6 +582,8 @@ def get_args_parser():
                         help="no torch.compile column (it compiles every model first: a few minutes on 2 CPUs)")
     parser.add_argument("--skip-train", action="store_true", help="no training measurements")
     parser.add_argument("--skip-loader", action="store_true", help="no data-loader measurements")
+    parser.add_argument("--skip-deploy", action="store_true",
+                        help="no deployment table (ONNX Runtime fp32 and INT8, the YOLO peers)")
     parser.add_argument("--train-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
                         help=argparse.SUPPRESS)
@@ -457,7 +620,11 @@ def main(argv=None):
             print(f"{name} training: {json.dumps(measured)}", flush=True)
     loaders = None if args.skip_loader else loader_measurements(args)
     gains = optimisation_gains(args.gain_size, args) if args.gain_size in sizes else {}
-    markdown = report(args, info, rows, loaders, gains, target_ratios(rows, loaders))
+    deploy = {} if args.skip_deploy else deployment([s for s in sizes if s != "small"], args)
+    for name, row in deploy.items():
+        print(f"{name} deployment: {json.dumps(row)}", flush=True)
+    markdown = report(args, info, rows, loaders, gains, target_ratios(rows, loaders) + deployment_targets(deploy),
+                      deployment_report(deploy, args) if deploy else [])
     print(markdown)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

