@@ -31,8 +31,7 @@ import distributed
 import engine
 import runs
 from dataset_coco import CocoDetectionDataset, build_transforms, dataset_report, load_train_val
-from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights,
-                               INITS, init_model_size)
+from model_lightweight import INITS, LAYER_GROUPS, MODEL_SIZES, STARTER_SIZE, STRIDES, init_model_size
 
 logger = logging.getLogger("finetune")
 
@@ -105,10 +104,10 @@ def resolve_init(config, typed):
     if source_size and "model_size" not in typed:
         config["model_size"] = source_size
     if init is None:
-        if not has_imagenet_weights(config["model_size"]):
+        if config["model_size"] != STARTER_SIZE:
             raise cfg.ConfigError(f"model_size {config['model_size']!r} has no pretrained weights of its own: pass "
                                   f"--init PATH (a pretraining's checkpoint or backbone file) or --init random")
-        config["init"] = "imagenet"
+        config["init"] = "starter"
 
 
 def check_config(config):

