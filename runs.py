@@ -415,7 +415,8 @@ def epoch_record(epoch, stage, train_metrics, optimizer, metrics, best_map, epoc
 
 
 def epoch_line(row, config, is_best):
-    """'epoch 3 (stage 1, heads): loss 1.23 (cls 0.12, box 0.55) | mAP 0.12 mAP50 0.45 | P/R/F1 ... | 12 img/s'."""
+    """The epoch's log line: loss terms, mAP and mAP50, P/R/F1 at conf_threshold and at the best-F1 threshold,
+    images per second and the epoch's time."""
     text = (f"epoch {row['epoch']} (stage {row['stage']}, {row['stage_name']}): loss {row['loss']:.4f} "
             f"(cls {row['loss_cls']:.4f}, box {row['loss_box']:.4f})")
     if row["mAP"] != "":
