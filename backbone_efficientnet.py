@@ -134,6 +134,8 @@ class EfficientNetLiteBackbone(nn.Module):
             in_channels = out_channels
         self.stages = nn.ModuleList(stages)
         self.out_channels = tuple(self.stages[i][-1].project[0].out_channels for i in FEATURE_STAGES)
+        self.stage_strides = tuple(2 * math.prod(stage[2] for stage in LITE_STAGES[:i + 1])
+                                   for i in range(len(LITE_STAGES)))  # output stride of each stage
 
     def forward(self, x):
         x = self.stem(x)

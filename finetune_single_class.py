@@ -120,6 +120,9 @@ def check_config(config):
             raise cfg.ConfigError(f"stage{i}_epochs must be >= 0, got {config[f'stage{i}_epochs']}")
     if sum(config[f"stage{i}_epochs"] for i in range(1, 4)) == 0:
         raise cfg.ConfigError("every stage has 0 epochs: set stage1_epochs, stage2_epochs or stage3_epochs")
+    if config["backbone_freeze_stride"] not in (0, 2, 4, 8, 16, 32):
+        raise cfg.ConfigError(f"backbone_freeze_stride must be 0 (nothing kept frozen) or a stride 2, 4, 8, 16 or 32, "
+                              f"got {config['backbone_freeze_stride']}")
     cfg.check_common(config, max(STRIDES))
 
 
@@ -172,12 +175,15 @@ def describe_stage(stage, pretrained_groups):
 
 def start_stage(session, stage, checkpoint, start_epoch):
     """Freeze what the stage does not train (BatchNorm statistics too; stage3_train_bn false keeps the pretrained
-    backbone's and FPN's frozen in stage 3), a fresh AdamW and schedule over the rest, restored from `checkpoint`
+    backbone's and FPN's frozen in stage 3; a pretrained backbone's layers up to backbone_freeze_stride stay frozen
+    throughout), a fresh AdamW and schedule over the rest, restored from `checkpoint`
     when the run resumes inside this stage, and a new DDP wrapper (it hooks the parameters trainable now)."""
     config, state = session.config, session.state
     model, pretrained = state.model, set(config["provenance"]["pretrained"])
     model.freeze_backbone("backbone" not in stage["groups"])
     model.freeze_fpn("fpn" not in stage["groups"])
+    early_stride = config["backbone_freeze_stride"] if "backbone" in pretrained else 0
+    model.freeze_early_backbone(early_stride)
     if stage["index"] == 3 and not config["stage3_train_bn"]:
         for group in pretrained & {"backbone", "fpn"}:
             model.freeze_batchnorm(group)
@@ -193,8 +199,10 @@ def start_stage(session, stage, checkpoint, start_epoch):
         engine.restore_training_state(checkpoint, state, optimizer=inside)
     session.train_model = None  # drop the previous stage's wrapper before building the next
     session.train_model = distributed.wrap_model(model, next(model.parameters()).device)
-    logger.info("stage %d (%s), epochs %d-%d: %s; %s", stage["index"], stage["name"], stage["first_epoch"],
-                stage["last_epoch"], describe_stage(stage, pretrained), runs.describe_trainable(model))
+    early = (f"; the backbone's stem and stages to stride {early_stride} stay frozen"
+             if early_stride and "backbone" in stage["groups"] else "")
+    logger.info("stage %d (%s), epochs %d-%d: %s%s; %s", stage["index"], stage["name"], stage["first_epoch"],
+                stage["last_epoch"], describe_stage(stage, pretrained), early, runs.describe_trainable(model))
     runs.stage_writer_note(session.run, stage)
 
 

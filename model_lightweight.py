@@ -129,6 +129,7 @@ class CSPBackbone(nn.Module):
             CSPStage(widths[i], widths[i + 1], depths[i], depthwise=widths[i + 1] > DENSE_MAX_CHANNELS)
             for i in range(4))
         self.out_channels = tuple(widths[2:])  # read by the FPN, never hand-copied
+        self.stage_strides = (4, 8, 16, 32)  # output stride of each stage (each halves the size)
 
     def forward(self, x):
         x = self.stem(x)
@@ -321,6 +322,8 @@ class LightweightDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen_norms = set()
+        self._frozen_groups = set()
+        self._early_frozen_stride = 0  # freeze_early_backbone()
         self._fused = False  # set by fuse(): BatchNorm folded away, inference only
         self._fused_copy = FusedCopy()  # predict()'s network; not a submodule, not in the state dict
         # Layer groups whose weights came from pretraining (ImageNet or a checkpoint), set by the loaders;
@@ -415,8 +418,9 @@ class LightweightDetector(nn.Module):
         if mode and self._fused:
             raise RuntimeError("this model was fused for inference (model.fuse()); train an unfused copy")
         super().train(mode)
-        for group in self._frozen_norms:
-            for module in getattr(self, group).modules():
+        frozen = [getattr(self, group) for group in self._frozen_norms]
+        for part in frozen + self.early_backbone_layers(self._early_frozen_stride):
+            for module in part.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
         return self
@@ -430,7 +434,29 @@ class LightweightDetector(nn.Module):
 
     def _freeze(self, group, freeze):
         getattr(self, group).requires_grad_(not freeze)
+        (self._frozen_groups.add if freeze else self._frozen_groups.discard)(group)
         self.freeze_batchnorm(group, freeze)
+        if group == "backbone":
+            self.freeze_early_backbone(self._early_frozen_stride)  # kept through a release of the backbone
+
+    def early_backbone_layers(self, stride):
+        """The backbone's stem and the stages whose output stride is at most `stride` ([] for 0)."""
+        if stride < 2:
+            return []
+        return [self.backbone.stem] + [stage for stage, stage_stride in
+                                       zip(self.backbone.stages, self.backbone.stage_strides) if stage_stride <= stride]
+
+    def freeze_early_backbone(self, stride):
+        """Keep the stem and the backbone stages at output stride <= `stride` frozen (weights and BatchNorm
+        statistics) whatever freeze_backbone() does later; 0 releases them. The same as Detectron2's FREEZE_AT
+        and torchvision's trainable_backbone_layers: pretrained low-level filters are generic, and these layers'
+        activations, the largest of the network, then need not be kept for the backward pass."""
+        for layer in self.early_backbone_layers(self._early_frozen_stride):
+            layer.requires_grad_("backbone" not in self._frozen_groups)
+        self._early_frozen_stride = stride
+        for layer in self.early_backbone_layers(stride):
+            layer.requires_grad_(False)
+        return self.train(self.training)
 
     def freeze_backbone(self, freeze=True):
         """requires_grad off and BatchNorm statistics frozen (also after model.train()); False restores both."""

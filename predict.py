@@ -327,8 +327,6 @@ def get_args_parser():
 
 def _load(args):
     """The detector of --checkpoint on --backend (a .pth in ONNX Runtime is exported beside it first)."""
-    if not os.path.isfile(args.checkpoint):
-        raise PredictError(f"--checkpoint not found: {args.checkpoint}")
     try:
         return load_detector(args.checkpoint, args.backend, args.device, args.threads)
     except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
@@ -345,6 +343,8 @@ def main(argv=None):
     """
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.path.isfile(args.checkpoint):  # before --source is scanned: both inputs are checked up front
+        raise PredictError(f"--checkpoint not found: {args.checkpoint}")
     paths, names, videos = find_sources(args.source)
     for video in videos:  # a missing or undecodable video stops the run before anything is written
         open_video(video)[0].close()

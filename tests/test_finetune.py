@@ -90,10 +90,15 @@ def spy_on_stages(monkeypatch):
 
     def spy(model, criterion, loader, state, options, epoch, *args, **kwargs):
         model.train()
+        early = model.early_backbone_layers(4)  # the stem and the stride-4 stage (backbone_freeze_stride 4)
+        early_modules = {id(m) for layer in early for m in layer.modules()}
+        parts = {g: [m for m in getattr(model, g).modules() if id(m) not in early_modules]
+                 for g in ("backbone", "fpn", "head")}
+        parts["early"] = [m for layer in early for m in layer.modules()]
         seen[epoch] = {
-            "grad": {g: any(p.requires_grad for p in getattr(model, g).parameters()) for g in ("backbone", "fpn", "head")},
-            "bn_train": {g: all(m.training for m in getattr(model, g).modules() if isinstance(m, _BatchNorm))
-                         for g in ("backbone", "fpn", "head")},
+            "grad": {g: any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+                     for g, modules in parts.items()},
+            "bn_train": {g: all(m.training for m in modules if isinstance(m, _BatchNorm)) for g, modules in parts.items()},
             "lrs": {group["name"]: group["initial_lr"] for group in state.optimizer.param_groups},
         }
         return real(model, criterion, loader, state, options, epoch, *args, **kwargs)
@@ -107,14 +112,15 @@ def test_stages_release_a_full_detector_group_by_group(data, tmp_path, monkeypat
     seen = spy_on_stages(monkeypatch)
     summary = finetune.main(base_args(data, tmp_path) + ["--seed", "1", "--pretrained-backbone",
                                                          str(data / "pretrain_full.pth")])
-    assert seen[1]["grad"] == {"backbone": False, "fpn": False, "head": True}
-    assert seen[1]["bn_train"] == {"backbone": False, "fpn": False, "head": True}
+    assert seen[1]["grad"] == {"backbone": False, "fpn": False, "head": True, "early": False}
+    assert seen[1]["bn_train"] == {"backbone": False, "fpn": False, "head": True, "early": False}
     assert seen[1]["lrs"] == {"head": 2e-3, "head_no_decay": 2e-3}
-    assert seen[2]["grad"] == {"backbone": False, "fpn": True, "head": True}
-    assert seen[2]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[2]["grad"] == {"backbone": False, "fpn": True, "head": True, "early": False}
+    assert seen[2]["bn_train"] == {"backbone": False, "fpn": True, "head": True, "early": False}
     assert seen[2]["lrs"] == {"fpn": 2e-4, "fpn_no_decay": 2e-4, "head": 1e-3, "head_no_decay": 1e-3}
-    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
-    assert seen[3]["bn_train"] == {"backbone": True, "fpn": True, "head": True}
+    # the pretrained backbone's stem and stride-4 stage stay frozen (backbone_freeze_stride 4), the rest trains
+    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True, "early": False}
+    assert seen[3]["bn_train"] == {"backbone": True, "fpn": True, "head": True, "early": False}
     assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 1e-4 and seen[3]["lrs"]["head"] == 2e-4
     config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
     assert config["provenance"]["pretrained"] == ["backbone", "fpn", "head"] and config["provenance"]["new"] == []
@@ -129,16 +135,53 @@ def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monk
     args = base_args(data, tmp_path)
     args[1] = str(tmp_path / "frozen_bn.json")
     summary = finetune.main(args + ["--seed", "1"])
-    assert seen[1]["grad"] == {"backbone": False, "fpn": True, "head": True}
-    assert seen[1]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[1]["grad"] == {"backbone": False, "fpn": True, "head": True, "early": False}
+    assert seen[1]["bn_train"] == {"backbone": False, "fpn": True, "head": True, "early": False}
     assert seen[1]["lrs"] == {"fpn": 2e-3, "fpn_no_decay": 2e-3, "head": 2e-3, "head_no_decay": 2e-3}
     assert seen[2]["lrs"]["fpn"] == 1e-3 and seen[2]["grad"]["backbone"] is False
-    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True}
+    assert seen[3]["grad"] == {"backbone": True, "fpn": True, "head": True, "early": False}
     assert seen[3]["lrs"]["backbone"] == 2e-5 and seen[3]["lrs"]["fpn"] == 2e-4
     # stage3_train_bn false: the pretrained backbone's statistics stay frozen, the new FPN's keep learning
-    assert seen[3]["bn_train"] == {"backbone": False, "fpn": True, "head": True}
+    assert seen[3]["bn_train"] == {"backbone": False, "fpn": True, "head": True, "early": False}
     config = json.loads((tmp_path / os.path.basename(summary["run_dir"]) / "config.json").read_text())
     assert config["provenance"]["pretrained"] == ["backbone"] and config["provenance"]["new"] == ["fpn", "head"]
+
+
+def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, monkeypatch):
+    """backbone_freeze_stride keeps a pretrained backbone's stem and stride-4 stage at their pretrained weights
+    through stage 3; a random backbone trains them from stage 1, and 0 releases them with the rest."""
+    captured = {}
+    real = runs.build_model
+
+    def build_spy(config, *args):
+        captured["model"], provenance = real(config, *args)
+        return captured["model"], provenance
+
+    monkeypatch.setattr(runs, "build_model", build_spy)
+    seen = spy_on_stages(monkeypatch)
+    full = str(data / "pretrain_full.pth")
+    finetune.main(base_args(data, tmp_path / "a") + ["--seed", "1", "--init", full])
+    assert seen[3]["grad"]["backbone"] and not seen[3]["grad"]["early"] and not seen[3]["bn_train"]["early"]
+    source = torch.load(full, weights_only=True)["model_state_dict"]
+    trained = captured["model"].state_dict()
+    early = [k for k in trained if k.startswith(("backbone.stem.", "backbone.stages.0."))]
+    later = [k for k in trained if k.startswith("backbone.stages.1.") and k.endswith("weight")]
+    assert early and all(torch.equal(trained[k], source[k]) for k in early)  # running stats included
+    assert any(not torch.equal(trained[k], source[k]) for k in later)
+
+    finetune.main(base_args(data, tmp_path / "b") + ["--seed", "1", "--init", "random"])
+    assert seen[1]["grad"]["early"] and seen[1]["bn_train"]["early"]
+
+    (tmp_path / "free.json").write_text(json.dumps(dict(FLAT_CONFIG, backbone_freeze_stride=0)))
+    args = base_args(data, tmp_path / "c")
+    args[1] = str(tmp_path / "free.json")
+    finetune.main(args + ["--seed", "1", "--init", full])
+    assert not seen[2]["grad"]["early"] and seen[3]["grad"]["early"] and seen[3]["bn_train"]["early"]
+
+    (tmp_path / "bad.json").write_text(json.dumps(dict(FLAT_CONFIG, backbone_freeze_stride=3)))
+    args[1] = str(tmp_path / "bad.json")
+    with pytest.raises(config.ConfigError, match="backbone_freeze_stride must be 0"):
+        finetune.main(args + ["--init", full])
 
 
 def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):

@@ -394,3 +394,30 @@ def test_int8_export_runs_and_keeps_most_of_the_float_map(trained, tmp_path):
     assert scores["m.onnx"]["mAP50"] > 0.5  # the float model learned: a score quantisation could lose
     assert scores["m_int8.onnx"]["mAP50"] >= scores["m.onnx"]["mAP50"] - 0.1
     assert scores["m_int8.onnx"]["mAP"] >= scores["m.onnx"]["mAP"] - 0.1
+
+
+def test_folding_same_padding_into_convs_keeps_outputs_and_drops_the_pads(tmp_path):
+    """lite0's stride-2 convolutions pad TensorFlow-style (a separate Pad); folded into the Conv, the graph
+    computes the same and the quantiser has no float Pad to wrap."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import quantize
+    from backbone_efficientnet import Conv2dSame
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 5, stride=2, groups=8)).eval()
+    path, prepared = str(tmp_path / "net.onnx"), str(tmp_path / "prepared.onnx")
+    torch.onnx.export(net, (torch.rand(1, 3, 64, 96),), path, dynamo=False, input_names=["images"],
+                      dynamic_axes={"images": {2: "height", 3: "width"}})
+    quant_pre_process(path, prepared, skip_symbolic_shape=True)
+    graph = onnx.load(prepared)
+    assert sum(node.op_type == "Pad" for node in graph.graph.node) == 2
+    assert quantize.fold_pads_into_convs(graph) == 2
+    assert not any(node.op_type == "Pad" for node in graph.graph.node)
+    folded = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    for height, width in ((64, 96), (128, 64)):
+        x = torch.rand(1, 3, height, width)
+        expected = net(x).detach().numpy()
+        got = folded.run(None, {"images": x.numpy()})[0]
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
