@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAT_CONFIG = {"num_classes": 1, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
                "stage2_epochs": 1, "stage2_head_lr": 1e-3, "stage2_fpn_lr": 2e-4,
                "stage3_epochs": 2, "stage3_head_lr": 2e-4, "stage3_fpn_lr": 1e-4, "stage3_backbone_lr": 2e-5,
-               "stage3_train_bn": True}
+               "stage3_train_bn": True, "backbone_freeze_stride": 4}
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +147,24 @@ def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monk
     assert config["provenance"]["pretrained"] == ["backbone"] and config["provenance"]["new"] == ["fpn", "head"]
 
 
-def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, monkeypatch):
-    """backbone_freeze_stride keeps a pretrained backbone's stem and stride-4 stage at their pretrained weights
-    through stage 3; a random backbone trains them from stage 1, and 0 releases them with the rest."""
+@pytest.fixture
+def built(monkeypatch):
+    """{"model": the model the last fine-tuning built}, filled in by a spy on runs.build_model."""
     captured = {}
     real = runs.build_model
 
-    def build_spy(config, *args):
+    def spy(config, *args):
         captured["model"], provenance = real(config, *args)
         return captured["model"], provenance
 
-    monkeypatch.setattr(runs, "build_model", build_spy)
+    monkeypatch.setattr(runs, "build_model", spy)
+    return captured
+
+
+def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, monkeypatch, built):
+    """backbone_freeze_stride keeps a pretrained backbone's stem and stride-4 stage at their pretrained weights
+    through stage 3; a random backbone trains them from stage 1, and 0 releases them with the rest."""
+    captured = built
     seen = spy_on_stages(monkeypatch)
     full = str(data / "pretrain_full.pth")
     finetune.main(base_args(data, tmp_path / "a") + ["--seed", "1", "--init", full])
@@ -184,15 +191,8 @@ def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, 
         finetune.main(args + ["--init", full])
 
 
-def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, monkeypatch):
-    captured = {}
-    real = runs.build_model
-
-    def spy(config, *args):
-        captured["model"], provenance = real(config, *args)
-        return captured["model"], provenance
-
-    monkeypatch.setattr(runs, "build_model", spy)
+def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, built):
+    captured = built
     args = base_args(data, tmp_path) + ["--seed", "2"]
     backbone = json.loads((data / "flat.json").read_text())["init"]
     source = torch.load(backbone, weights_only=True)["backbone_state_dict"]
