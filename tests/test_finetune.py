@@ -148,7 +148,7 @@ def test_a_backbone_file_trains_the_random_fpn_from_stage_1(data, tmp_path, monk
 
 
 @pytest.fixture
-def built(monkeypatch):
+def captured(monkeypatch):
     """{"model": the model the last fine-tuning built}, filled in by a spy on runs.build_model."""
     captured = {}
     real = runs.build_model
@@ -161,10 +161,9 @@ def built(monkeypatch):
     return captured
 
 
-def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, monkeypatch, built):
+def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, monkeypatch, captured):
     """backbone_freeze_stride keeps a pretrained backbone's stem and stride-4 stage at their pretrained weights
     through stage 3; a random backbone trains them from stage 1, and 0 releases them with the rest."""
-    captured = built
     seen = spy_on_stages(monkeypatch)
     full = str(data / "pretrain_full.pth")
     finetune.main(base_args(data, tmp_path / "a") + ["--seed", "1", "--init", full])
@@ -191,8 +190,7 @@ def test_early_backbone_layers_stay_frozen_only_when_pretrained(data, tmp_path, 
         finetune.main(args + ["--init", full])
 
 
-def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, built):
-    captured = built
+def test_pretrained_backbone_is_loaded_and_no_pretrained_is_not(data, tmp_path, captured):
     args = base_args(data, tmp_path) + ["--seed", "2"]
     backbone = json.loads((data / "flat.json").read_text())["init"]
     source = torch.load(backbone, weights_only=True)["backbone_state_dict"]
