@@ -37,6 +37,9 @@ COCO_FIELDS = {"images": ("id", "file_name"), "annotations": ("image_id", "categ
                "categories": ("id", "name")}
 FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC XML", "yolo": "YOLO txt"}
 EXIF_ORIENTATION = 0x0112
+# Labels written with 6 decimals (Ultralytics, Roboflow) put a box edge that touches the image a rounding step past
+# it (cx + w / 2 = 1.0000005): that is the edge, not a box to clip and warn about.
+YOLO_EDGE_TOLERANCE = 1e-5
 
 
 def detect_format(path):
@@ -132,12 +135,24 @@ def check_coco_dict(data, source):
             if absent:
                 raise ValueError(f"annotation file {source}: {key}[{position}] lacks {', '.join(absent)} "
                                  f"(each entry needs {', '.join(fields)})")
+    for key in ("images", "annotations"):
+        # pycocotools indexes by id and keeps the last entry of each: a duplicate image id merges two photos (one
+        # disappears, its boxes go to the other), a duplicate annotation id scores one box twice and the other never.
+        counts = collections.Counter(entry["id"] for entry in data[key] if isinstance(entry.get("id"), (int, str)))
+        repeated = [entry_id for entry_id, count in counts.items() if count > 1]
+        if repeated:
+            raise ValueError(f"annotation file {source}: {len(repeated)} {key} ids appear more than once (id "
+                             f"{repeated[0]!r} {counts[repeated[0]]} times); give every {key} entry its own id")
 
 
 def fill_coco_defaults(data):
-    """Fill what a COCO file may leave out but COCOeval reads, in place: ``iscrowd`` 0 and ``area`` = box
-    width x height (COCO's own area is the mask's; for boxes only, the box's)."""
+    """Fill what a COCO file may leave out but pycocotools reads, in place: annotation ``id`` (numbered on past
+    the largest), ``iscrowd`` 0 and ``area`` = box width x height (COCO's own area is the mask's; for boxes only,
+    the box's)."""
+    next_id = max((ann["id"] for ann in data["annotations"] if isinstance(ann.get("id"), int)), default=0) + 1
     for ann in data["annotations"]:
+        if "id" not in ann:  # pycocotools indexes annotations by id
+            ann["id"], next_id = next_id, next_id + 1
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             bbox = ann.get("bbox")
@@ -296,8 +311,10 @@ def _yolo_labels(folder):
 def _yolo_names(value, source):
     """data.yaml's names: a list, or a dict {index: name} with indices 0..K-1."""
     if isinstance(value, dict):
-        if sorted(int(k) for k in value) != list(range(len(value))):
-            raise ValueError(f"{source}: names must be indexed 0..{len(value) - 1}, got {sorted(value)}")
+        if not all(isinstance(k, int) or str(k).strip().isdigit() for k in value) or \
+                sorted(int(k) for k in value) != list(range(len(value))):
+            raise ValueError(f"{source}: names must be indexed 0..{len(value) - 1} (names: {{0: a, 1: b}} or "
+                             f"names: [a, b]), got {list(value)}")
         return [str(value[k]) for k in sorted(value, key=int)]
     if isinstance(value, list) and value:
         return [str(name) for name in value]
@@ -337,13 +354,34 @@ def _names_near(labels_folder):
                      f"or a data.yaml (names: [...]) beside it or above it")
 
 
+def _swap_last(folder, old, new):
+    """`folder` with its last path component named `old` renamed `new`; `folder` itself when none is."""
+    parts = os.path.abspath(folder).split(os.sep)
+    if old not in parts:
+        return str(folder)
+    index = len(parts) - 1 - parts[::-1].index(old)
+    return os.sep.join(parts[:index] + [new] + parts[index + 1:])
+
+
 def _images_for_labels(labels_folder):
     """Ultralytics' layout: .../images/... holds the images of .../labels/... (the last 'labels' swapped)."""
-    parts = os.path.abspath(labels_folder).split(os.sep)
-    if "labels" not in parts:
-        return labels_folder  # labels next to the images
-    index = len(parts) - 1 - parts[::-1].index("labels")
-    return os.sep.join(parts[:index] + ["images"] + parts[index + 1:])
+    return _swap_last(labels_folder, "labels", "images")  # labels next to the images when no folder is 'labels'
+
+
+def _labels_for_images(images_folder):
+    """Ultralytics' img2label_paths: only the last 'images' becomes 'labels', for a parent folder may be called
+    images too (.../images/proj/ds/images/train -> .../images/proj/ds/labels/train)."""
+    return _swap_last(images_folder, "images", "labels")
+
+
+def _data_yaml_folder(base, entry):
+    """A data.yaml's train/val folder as Ultralytics resolves it: `base/entry`, else, for an entry starting with
+    '../' that is not there, `base/entry[3:]` (Roboflow's exports say train: ../train/images of the train/
+    folder beside data.yaml)."""
+    folder = os.path.normpath(os.path.join(base, entry))
+    if not os.path.exists(folder) and entry.startswith("../"):
+        return os.path.normpath(os.path.join(base, entry[3:]))
+    return folder
 
 
 def read_yolo(path, image_root=None, split="train"):
@@ -351,8 +389,9 @@ def read_yolo(path, image_root=None, split="train"):
 
     `path` is a data.yaml (its `path` and `train`/`val` image folders, `names`) or a labels folder (images in the
     mirrored images/ folder, names from classes.txt or data.yaml). Each line is `class cx cy w h`, normalised to
-    [0, 1] by the image size; an image without a label file is a negative. Lines with another field count, an
-    unknown class index or coordinates outside [0, 1] are skipped and counted in one warning.
+    [0, 1] by the image size; an image without a label file is a negative, a set where no image has one is refused.
+    Lines with another field count, an unknown class index or coordinates outside [0, 1] are skipped and counted in
+    one warning; an edge within YOLO_EDGE_TOLERANCE past the image is on it.
     """
     path = str(path)
     if os.path.isfile(path):
@@ -365,8 +404,8 @@ def read_yolo(path, image_root=None, split="train"):
         if isinstance(entry, list) or str(entry).lower().endswith(".txt"):
             raise ValueError(f"{path}: {split} must be one folder of images (lists and .txt files of paths are not "
                              f"read); point it at an images/ folder")
-        images_folder = image_root or os.path.normpath(os.path.join(base, str(entry)))
-        labels_folder = os.sep.join("labels" if p == "images" else p for p in images_folder.split(os.sep))
+        images_folder = str(image_root) if image_root else _data_yaml_folder(base, str(entry))
+        labels_folder = _labels_for_images(images_folder)
     else:
         labels_folder = os.path.join(path, "labels") if not _yolo_labels(path) else path
         names = _names_near(labels_folder)
@@ -378,7 +417,7 @@ def read_yolo(path, image_root=None, split="train"):
                     if p.lower().endswith(IMAGE_EXTENSIONS))
     if not images:
         raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {images_folder}")
-    records, counts, examples = _Records(), collections.Counter(), {}
+    records, counts, examples, labelled = _Records(), collections.Counter(), {}, 0
     for image_path in images:
         relative = os.path.relpath(image_path, images_folder)
         try:
@@ -387,6 +426,7 @@ def read_yolo(path, image_root=None, split="train"):
             width = height = None  # the dataset skips it as unreadable
         image_id = records.add_image(relative, width, height)
         label_path = os.path.join(labels_folder, os.path.splitext(relative)[0] + ".txt")
+        labelled += os.path.isfile(label_path)
         if width and os.path.isfile(label_path):
             for line in _lines(label_path):
                 box, problem = _yolo_box(line, len(names), width, height)
@@ -395,6 +435,10 @@ def read_yolo(path, image_root=None, split="train"):
                     examples.setdefault(problem, f"{label_path}: {line!r}")
                 else:
                     records.add_box(image_id, names[box[0]], box[1])
+    if not labelled:  # a wrong labels folder would train every image as a negative
+        raise ValueError(f"none of the {len(images)} images in {images_folder} has a label file in {labels_folder} "
+                         f"(YOLO's layout: the last images/ folder of their path becomes labels/); put the .txt "
+                         f"labels there")
     _warn_counts(labels_folder, counts, examples)
     if counts and not records.boxes:
         raise ValueError(f"none of the YOLO label lines in {labels_folder} could be read: {dict(counts)}")
@@ -420,7 +464,16 @@ def _yolo_box(line, num_classes, width, height):
     cx, cy, w, h = values
     if not all(0 <= v <= 1 for v in values) or w <= 0 or h <= 0:
         return None, "lines with coordinates outside [0, 1]"
-    return (int(label), [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]), None
+    x0, x1 = (_onto_edge(v) * width for v in (cx - w / 2, cx + w / 2))
+    y0, y1 = (_onto_edge(v) * height for v in (cy - h / 2, cy + h / 2))
+    return (int(label), [x0, y0, x1 - x0, y1 - y0]), None
+
+
+def _onto_edge(value):
+    """A normalised corner within YOLO_EDGE_TOLERANCE past 0 or 1 put on that edge, so it is not clipped later."""
+    if -YOLO_EDGE_TOLERANCE < value < 0:
+        return 0.0
+    return 1.0 if 1 < value < 1 + YOLO_EDGE_TOLERANCE else value
 
 
 # ---- one folder, split for you ------------------------------------------------------------------------------------

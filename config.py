@@ -14,12 +14,16 @@ import argparse
 import difflib
 import json
 import logging
+import math
+import numbers
 import os
 import sys
 
 import torch
 
 import distributed
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_transfer_learning.json")
 AMP_DTYPES = ("bf16", "fp16")
@@ -47,12 +51,32 @@ def load_json(path, what="config file"):
         raise ConfigError(f"{what} {path} is not valid JSON: {error}") from None
 
 
+def json_ready(value):
+    """`value` with NaN and infinities as None (JSON null) and numpy scalars as Python numbers, recursively.
+
+    JSON has no NaN: `json.dump` writes a bare `NaN` that strict parsers (JavaScript's JSON.parse) refuse, and
+    undefined metrics (COCOeval's AP of an empty size range) are common (issue #24).
+    """
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def write_json_atomic(data, path, indent=2):
-    """Write JSON through a temporary file and os.replace, so a crash never leaves half a file."""
+    """Write strict JSON (`json_ready`: no NaN) through a temporary file and os.replace, so a crash never leaves
+    half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent, default=str)
+        json.dump(json_ready(data), f, indent=indent, default=str, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -200,7 +224,8 @@ def add_data_flags(parser, defaults):
 
 
 def check_data(config, explicit):
-    """Annotations that exist, a validation fraction in (0, 1), and not both a validation set and a fraction."""
+    """Annotations that exist, a validation fraction in (0, 1), and not both a validation set and a fraction
+    (a data.yaml's val entry wins over --val-fraction, with a warning)."""
     check_path(config, "train_ann")
     for key in ("train_root", "val_ann", "val_root"):
         if config[key]:
@@ -212,6 +237,20 @@ def check_data(config, explicit):
         raise ConfigError(f"val_fraction must be in (0, 1), got {config['val_fraction']}")
     if config["val_ann"] and "val_fraction" in explicit:
         raise ConfigError("both a validation set (--val-ann) and --val-fraction were given; pass one of them")
+    if not config["val_ann"] and "val_fraction" in explicit and data_yaml_val(config["train_ann"]):
+        logger.warning("%s has a val entry: its images validate, and --val-fraction %s is ignored",
+                       config["train_ann"], config["val_fraction"])
+
+
+def data_yaml_val(path):
+    """The val entry of a YOLO data.yaml (None for other annotations), which takes the place of --val-fraction."""
+    if not (os.path.isfile(path) and str(path).lower().endswith((".yaml", ".yml"))):
+        return None
+    from annotations import read_yaml_entry  # here, not at the top: annotations imports config
+    try:
+        return read_yaml_entry(path, "val")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_path(config, key, kind="any"):

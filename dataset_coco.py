@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import os
+import random
 
 import numpy as np
 import torch
@@ -265,7 +266,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         transforms: None, or a v2 callable ``(Image, {"boxes": BoundingBoxes, "labels"}) -> same``,
             e.g. ``build_transforms(...)``.
         include_empty: keep images with no selected box as negatives.
-        max_missing_fraction: share of images that may be missing on disk (dropped with a warning).
+        max_missing_fraction: share of images that may be missing on disk, or unreadable with no size in the
+            annotations (dropped with a warning).
 
     Attributes:
         coco: the unfiltered pycocotools ``COCO`` object.
@@ -289,40 +291,59 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         except ValueError as error:
             raise ValueError(f"{self.ann_file}: {error}") from None
         self.stats = dict.fromkeys(
-            ("images_total", "images_missing", "images_without_boxes", "images_dropped_empty", "images_turned",
+            ("images_total", "images_missing", "images_unreadable", "images_without_boxes", "images_dropped_empty",
+             "images_turned",
              "annotations_total", "annotations_other_classes", "crowd_ignored", "boxes_kept", "boxes_clipped",
              "boxes_dropped", "boxes_dropped_invalid", "boxes_dropped_degenerate"), 0)
-        image_ids, image_paths = self._find_images(max_missing_fraction)
-        self._index_annotations(image_ids, image_paths)
+        image_ids, image_paths, sizes = self._find_images(max_missing_fraction)
+        self._index_annotations(image_ids, image_paths, sizes)
         self._warned_size_mismatch = False
         self._log_summary()
         if not self.image_ids:
             s = self.stats
             raise ValueError(f"no usable images in {self.ann_file}: {s['images_total']} listed, {s['images_missing']} "
-                             f"missing on disk, {s['images_dropped_empty']} dropped without a box of "
+                             f"missing on disk, {s['images_unreadable']} unreadable without a size, "
+                             f"{s['images_dropped_empty']} dropped without a box of "
                              f"{', '.join(self.class_names)}")
 
     def _find_images(self, max_missing_fraction):
-        image_ids, image_paths, missing = [], [], []
+        """The images on disk with their (H, W) sizes. Missing images, and unreadable ones whose size the
+        annotations do not give (nothing to place their boxes in), are dropped with a warning while together they
+        are at most max_missing_fraction of the set; an unreadable image with a size stays, skipped when loaded."""
+        image_ids, image_paths, sizes, missing, unreadable = [], [], [], [], []
         all_ids = sorted(self.coco.getImgIds())
         for image_id in all_ids:
             path, tried = resolve_image_path(self.image_root, self.coco.imgs[image_id]["file_name"])
             if path is None:
                 missing.append((self.coco.imgs[image_id]["file_name"], tried))
-            else:
-                image_ids.append(image_id)
-                image_paths.append(path)
-        self.stats["images_total"], self.stats["images_missing"] = len(all_ids), len(missing)
-        if missing and len(missing) > max_missing_fraction * len(all_ids):
-            name, tried = missing[0]
-            raise FileNotFoundError(
-                f"{len(missing)}/{len(all_ids)} images of {self.ann_file} not found (more than "
-                f"max_missing_fraction={max_missing_fraction:g}); first missing {name!r}, looked in: "
-                f"{', '.join(tried)}")
+                continue
+            try:
+                sizes.append(self._image_size(image_id, path))
+            except OSError as error:  # PIL's UnidentifiedImageError is one too
+                unreadable.append((path, error))
+                continue
+            image_ids.append(image_id)
+            image_paths.append(path)
+        self.stats.update(images_total=len(all_ids), images_missing=len(missing), images_unreadable=len(unreadable))
+        if len(missing) + len(unreadable) > max_missing_fraction * len(all_ids):
+            if missing:
+                name, tried = missing[0]
+                raise FileNotFoundError(
+                    f"{len(missing)}/{len(all_ids)} images of {self.ann_file} not found"
+                    f"{f' and {len(unreadable)} unreadable' if unreadable else ''} (more than "
+                    f"max_missing_fraction={max_missing_fraction:g}); first missing {name!r}, looked in: "
+                    f"{', '.join(tried)}")
+            path, error = unreadable[0]
+            raise ValueError(f"{len(unreadable)}/{len(all_ids)} images of {self.ann_file} cannot be read and it gives "
+                             f"no width/height for them (more than max_missing_fraction={max_missing_fraction:g}); "
+                             f"first {path} ({error}); fix the files or add their sizes to the annotations")
         if missing:
             logger.warning("%s: dropped %d/%d images not found under %s, e.g. %s", self.ann_file, len(missing),
                            len(all_ids), self.image_root, ", ".join(name for name, _ in missing[:5]))
-        return image_ids, image_paths
+        if unreadable:
+            logger.warning("%s: dropped %d/%d images that cannot be read and whose width/height it does not give, "
+                           "e.g. %s (%s)", self.ann_file, len(unreadable), len(all_ids), *unreadable[0])
+        return image_ids, image_paths, sizes
 
     def _image_size(self, image_id, path):
         """(H, W) as displayed. A photo that EXIF turns a quarter (orientations 5-8) but whose annotations give its
@@ -332,11 +353,10 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:  # the header only
                 stored_w, stored_h = img.size
                 orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError):
             if info.get("height") and info.get("width"):
                 return int(info["height"]), int(info["width"])  # unreadable now: skipped when loaded
-            raise ValueError(f"{self.ann_file} gives no width/height for {path}, and it cannot be read as an "
-                             f"image ({error}); add the size to the annotations or fix the file") from None
+            raise  # no size either: _find_images drops it
         turned = orientation in (5, 6, 7, 8)
         displayed = (stored_w, stored_h) if not turned else (stored_h, stored_w)
         given = (int(info.get("width") or 0), int(info.get("height") or 0))
@@ -348,11 +368,10 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             return given[1], given[0]
         return displayed[1], displayed[0]
 
-    def _index_annotations(self, image_ids, image_paths):
+    def _index_annotations(self, image_ids, image_paths, sizes):
         # Boxes of all images live in a few flat numpy arrays (not one tensor per image): lists of Python
         # objects get copied into every DataLoader worker on access (pytorch/pytorch#13246).
-        sizes = np.array([self._image_size(i, p) for i, p in zip(image_ids, image_paths)],
-                         dtype=np.int64).reshape(-1, 2)  # (num_images, 2) = (H, W)
+        sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)  # (num_images, 2) = (H, W)
         if self.stats["images_turned"]:
             logger.warning("%s: %d EXIF-rotated photos are annotated in their stored (unrotated) frame; their boxes "
                            "were turned with the image, as it is displayed and trained on", self.ann_file,
@@ -415,14 +434,16 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         """(H, W) of item ``index`` as the JSON states it."""
         return tuple(int(v) for v in self._sizes[index])
 
-    def __getitem__(self, index):
-        """Returns ``(image, target)``.
+    def __getitem__(self, key):
+        """Returns ``(image, target)`` for ``key``: an index, or ``(index, seed)`` from ``SeededSampler``, whose
+        transforms then draw their randomness from ``seed`` alone (``seeded_rng``).
 
         Without transforms ``image`` is the original uint8 (3, H, W) and boxes are in its pixels; with
         transforms both are in the transformed frame (float32 (3, S, S) in [0, 1] for the presets).
         ``target``: ``boxes_xyxy`` float32 (N, 4), ``labels`` int64 (N,) in ``0..num_classes-1``,
         ``image_id`` int, ``orig_size`` int64 (2,) = (H, W) of the original image.
         """
+        index, seed = key if isinstance(key, tuple) else (key, None)
         try:
             image = load_image(self.image_paths[index])
         except (OSError, UnidentifiedImageError, ValueError) as error:  # truncated, not an image, ...
@@ -436,7 +457,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         if (height, width) != self.image_size(index):
             boxes = self._on_size_mismatch(index, boxes, (height, width))
         if self.transforms is not None:
-            image, out = self.transforms(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
+            with seeded_rng(seed):
+                image, out = self.transforms(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
             image, boxes, labels = image.as_subclass(torch.Tensor), out["boxes"], out["labels"]
         target = {"boxes_xyxy": boxes.as_subclass(torch.Tensor).to(torch.float32), "labels": labels,
                   "image_id": self.image_ids[index], "orig_size": torch.tensor([height, width])}
@@ -556,22 +578,87 @@ def default_num_workers(batch_size=None):
     return min(cpus, 8, batch_size or 8)
 
 
-def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0, sampler=None):
-    """A DataLoader over ``dataset`` with ``collate_fn``.
+@contextlib.contextmanager
+def seeded_rng(seed):
+    """Python's, NumPy's and torch's CPU RNGs seeded by ``seed`` inside, the caller's states back afterwards (so
+    with workers=0 training's own random stream does not move); a no-op for None."""
+    if seed is None:
+        yield
+        return
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed, which reseeds the CUDA generators too
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
-    Shuffling and the workers' torch seeds come from a ``torch.Generator`` seeded by ``seed``, so the
-    order and the random augmentations repeat run to run. ``num_workers=None`` -> ``default_num_workers``.
-    A ``sampler`` (e.g. a DistributedSampler, which shuffles itself) replaces ``shuffle``.
+
+ORDER_KEY, ITEM_KEY = 0, 1  # first word of derived_seed's keys: an epoch's order and an item's never share a seed
+
+
+def derived_seed(*keys):
+    """A 64-bit seed from integer keys; NumPy's SeedSequence hashes them, so nearby keys give unrelated seeds."""
+    return int(np.random.SeedSequence([key % 2 ** 64 for key in keys]).generate_state(1, np.uint64)[0])
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """An epoch's indices, each with the seed of its augmentation: ``(index, seed)`` keys of a
+    ``CocoDetectionDataset``.
+
+    The order is a shuffle seeded by (seed, epoch), ``sampler``'s order (a DistributedSampler, given the epoch) or
+    0..N-1; an item's seed depends on (seed, epoch, index) alone, as torch.utils.data advises for per-sample
+    randomness. So the batches do not depend on the number of workers, on which worker loads an item or on what it
+    loaded before, and a run resumed at epoch k sees the pixels an uninterrupted one saw (issue #24: persistent
+    workers carry their own RNG state from epoch to epoch, and no checkpoint holds it). Each pass over the
+    sampler is the next epoch unless ``set_epoch`` says which.
+    """
+
+    def __init__(self, num_samples, shuffle=True, seed=0, sampler=None):
+        self.num_samples, self.shuffle, self.seed, self.sampler = num_samples, shuffle, seed, sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler) if self.sampler is not None else self.num_samples
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.sampler is not None:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+        elif self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed(ORDER_KEY, self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        return ((index, derived_seed(ITEM_KEY, self.seed, epoch, index)) for index in order)
+
+
+def build_dataloader(dataset, batch_size, shuffle, num_workers=None, drop_last=False, seed=0, sampler=None):
+    """A DataLoader over a ``CocoDetectionDataset`` with ``collate_fn``.
+
+    Its ``SeededSampler`` makes the order and the random augmentations a function of ``seed``, the epoch and each
+    item's index: the same batches run to run, with any number of workers, and after a resume. Call
+    ``loader.sampler.set_epoch(epoch)`` before an epoch (without it each pass is the next epoch).
+    ``num_workers=None`` -> ``default_num_workers``. A ``sampler`` (e.g. a DistributedSampler, which shuffles
+    itself) replaces ``shuffle``.
     """
     if num_workers is None:
         num_workers = default_num_workers(batch_size)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_fn, drop_last=drop_last, generator=generator,
-                                       persistent_workers=num_workers > 0,
-                                       pin_memory=torch.cuda.is_available())
+    sampler = SeededSampler(len(dataset), shuffle, seed, sampler)
+    # The generator only draws the workers' base seed, which no augmentation uses now; without it each new
+    # iterator would draw that seed from the global RNG, which training uses.
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate_fn, drop_last=drop_last,
+                                       generator=torch.Generator().manual_seed(seed),
+                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -616,7 +703,8 @@ def dataset_report(dataset, img_size):
               f"boxes clipped to the image: {s['boxes_clipped']}",
               f"boxes dropped: {s['boxes_dropped']} ({s['boxes_dropped_degenerate']} under 1 px or outside "
               f"the image, {s['boxes_dropped_invalid']} non-finite or malformed)",
-              f"images dropped: {s['images_missing']} missing on disk, {s['images_dropped_empty']} without boxes"]
+              f"images dropped: {s['images_missing']} missing on disk, {s['images_unreadable']} unreadable without "
+              f"a size, {s['images_dropped_empty']} without boxes"]
     lines += report_warnings(dataset, img_size, per_class)
     return "\n".join(lines)
 

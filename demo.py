@@ -266,8 +266,7 @@ def main(argv=None):
     config, sizes = scaled_plan(args.scale)
     os.makedirs(args.out, exist_ok=True)
     config_path = os.path.join(args.out, "demo_config.json")
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    cfg.write_json_atomic(config, config_path)
     print(f"demo: synthetic data -> pretraining -> fine-tuning (pretrained and scratch) -> {args.out}/\n"
           f"      minutes on 2 CPU cores, longer on fewer; schedule in {config_path}", flush=True)
 

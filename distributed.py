@@ -101,12 +101,6 @@ def train_sampler(dataset, seed, num_replicas=None, rank=None):
     return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
 
-def set_epoch(loader, epoch):
-    """Reshuffle the shards each epoch (without it every epoch repeats the first order)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-
-
 def convert_sync_batchnorm(model):
     """BatchNorm statistics over the global batch (small per-GPU batches); a no-op when single-process."""
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if is_distributed() else model

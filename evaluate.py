@@ -1,7 +1,8 @@
 """COCO-style evaluation of a detector: mAP from pycocotools plus precision/recall/F1 at a threshold.
 
 `evaluate(model, data)` is the only evaluation path: training calls it every epoch with the live
-model and the CLI below scores a checkpoint. mAP numbers come straight from pycocotools' COCOeval;
+model and the CLI below scores a checkpoint. mAP numbers come straight from pycocotools' COCOeval, scored
+against the boxes as the dataset cleaned them for training (`ground_truth_coco`), not the raw file;
 precision, recall and F1 are read from COCOeval's own per-image matches (IoU 0.5), not from a
 second matcher, so both sets of numbers agree on what counts as a true positive.
 
@@ -13,13 +14,13 @@ Score a checkpoint on a COCO-format validation set:
 """
 
 import argparse
+import collections
 import contextlib
 import copy
 import io
 import logging
 import math
 import os
-import pickle
 import time
 
 import numpy as np
@@ -68,6 +69,71 @@ def predictions_to_coco(results, image_ids, category_ids):
     return detections
 
 
+def ground_truth_coco(dataset):
+    """The ground truth to score a dataset's predictions against: its own cleaned boxes, as a COCO object.
+
+    The raw annotation file is not what the model trained on: boxes the dataset dropped (outside the image, under
+    1 px, malformed) would count as misses, a box it clipped to the image would be scored unclipped, and a
+    malformed bbox crashes pycocotools (issue #24). So the boxes of the chosen classes in the kept images are
+    cleaned by the dataset's own `_parse_boxes` (after its EXIF turn). Crowd regions stay, cleaned alike, for
+    COCOeval to ignore; the file's `area` (COCO's is the mask's; it picks the size range) is kept, scaled by the
+    share of the box left where the box was clipped.
+
+    Args:
+        dataset: a `CocoDetectionDataset`; an object with a `coco` but no `image_size` is scored against its
+            `coco` as it is.
+
+    Returns:
+        pycocotools `COCO` holding the dataset's images (width/height as the dataset reads them), its chosen
+        categories and the cleaned annotations (ids 1..N, bbox xywh in original pixels, area, iscrowd).
+    """
+    if not hasattr(dataset, "image_size"):
+        return dataset.coco
+    from dataset_coco import _parse_boxes  # lazy, as in _build_loader: the cleaning training sees
+    chosen = set(dataset.category_ids)
+    anns, image_index = [], []
+    for index, image_id in enumerate(dataset.image_ids):
+        for ann in dataset.coco.imgToAnns.get(image_id, []):
+            if ann.get("category_id") in chosen:
+                anns.append(ann)
+                image_index.append(index)
+    sizes = np.array([dataset.image_size(index) for index in range(len(dataset.image_ids))],
+                     dtype=np.int64).reshape(-1, 2)  # (num_images, 2) = (H, W)
+    counts = collections.Counter()
+    boxes_xyxy, keep = _parse_boxes(anns, np.array(image_index, dtype=np.int64), sizes, counts)
+    kept = [(ann, sizes[index]) for ann, index, k in zip(anns, image_index, keep) if k]
+    annotations = []
+    for ann_id, ((ann, (height, width)), (x0, y0, x1, y1)) in enumerate(zip(kept, boxes_xyxy.tolist()), start=1):
+        bbox_xywh = [x0, y0, x1 - x0, y1 - y0]
+        annotations.append({"id": ann_id, "image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": bbox_xywh, "area": _scored_area(ann, bbox_xywh, height, width),
+                            "iscrowd": int(bool(ann.get("iscrowd", 0)))})
+    if counts["boxes_dropped"] or counts["boxes_clipped"]:
+        logger.info("scoring against the boxes as trained: %d of %d clipped to the image, %d dropped (%d under 1 px "
+                    "or outside the image, %d malformed or non-finite)", counts["boxes_clipped"], len(anns),
+                    counts["boxes_dropped"], counts["boxes_dropped_degenerate"], counts["boxes_dropped_invalid"])
+    images = [{**dataset.coco.imgs[image_id], "height": int(height), "width": int(width)}
+              for image_id, (height, width) in zip(dataset.image_ids, sizes.tolist())]
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": annotations,
+                       "categories": copy.deepcopy(dataset.coco.loadCats(dataset.category_ids))}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco_gt.createIndex()
+    return coco_gt
+
+
+def _scored_area(ann, bbox_xywh, height, width):
+    """The file's area for a box inside the image; where clipped, that area times the share of the box left; the
+    box's own area when the file's is unusable."""
+    x, y, w, h = (float(value) for value in ann["bbox"])
+    area = ann.get("area")
+    if not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+        return bbox_xywh[2] * bbox_xywh[3]
+    if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+        return float(area)
+    return float(area) * bbox_xywh[2] * bbox_xywh[3] / (w * h)
+
+
 def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=0.5):
     """Score COCO-format detections against ground truth with pycocotools.
 
@@ -87,7 +153,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
           IoU thresholds and recall points (area "all", 100 detections), as COCOeval's own mAP;
         - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
         - "best_f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall": the best F1 over
-          score thresholds, the score giving it and P/R there (0.0 when no threshold gives a true positive);
+          score thresholds, a threshold giving it (midway between the last score it keeps and the next lower
+          one) and P/R there (0.0 when no threshold gives a true positive);
         - "pr_curve": {"recall", "precision", "score"} lists, the precision-recall curve at IoU 0.5 pooled over
           classes, one point per score threshold (at most PR_POINTS of them, evenly spaced in the ranking);
         - "num_detections": len(detections).
@@ -214,8 +281,13 @@ def _precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold):
 
 
 def _best_f1(scores, is_tp, is_fp, num_gt):
-    """Best F1 over thresholds 'score >= t' for t among the detection scores, that t, and the precision and
-    recall there (the operating point fine-tuning stores as the model's calibrated threshold)."""
+    """Best F1 over thresholds 'score >= t' for t among the detection scores, a threshold giving it, and the
+    precision and recall there (the operating point fine-tuning stores as the model's calibrated threshold).
+
+    The threshold returned lies between the last kept score and the next lower one (`_threshold_below`): on the
+    kept score itself, a rerun that moves it by an ulp (batch 1 vs 8, ONNX Runtime vs PyTorch) would drop that
+    detection, always a true positive, and the stored operating point would not reproduce (issue #24).
+    """
     if not is_tp.any():
         return {"best_f1": 0.0, "best_f1_threshold": 0.0, "best_f1_precision": 0.0, "best_f1_recall": 0.0}
     # A threshold keeps every detection of equal score, so cut only after the last of each run.
@@ -224,8 +296,19 @@ def _best_f1(scores, is_tp, is_fp, num_gt):
     f1 = 2 * tp / (tp + fp + num_gt)  # = 2PR / (P + R)
     best = int(np.argmax(f1))  # first maximum: ties keep the higher threshold
     precision, recall, _ = _prf(int(tp[best]), int(fp[best]), num_gt)
-    return {"best_f1": float(f1[best]), "best_f1_threshold": float(scores[cuts[best]]),
+    return {"best_f1": float(f1[best]), "best_f1_threshold": _threshold_below(scores, cuts[best]),
             "best_f1_precision": precision, "best_f1_recall": recall}
+
+
+LOWEST_SCORE_MARGIN = 1e-3  # relative: a threshold below the lowest score, far wider than float32 noise
+
+
+def _threshold_below(scores, cut):
+    """A threshold keeping scores[:cut + 1] of the descending `scores`: the midpoint with the next lower score,
+    or a small fraction under the lowest score."""
+    if cut + 1 < len(scores):
+        return (float(scores[cut]) + float(scores[cut + 1])) / 2
+    return float(scores[cut]) * (1 - LOWEST_SCORE_MARGIN)
 
 
 PR_POINTS = 200  # points kept of the precision-recall curve (enough to draw it)
@@ -338,7 +421,7 @@ def evaluate(model, data, device=None, conf_threshold=0.5, iou_threshold=0.6, ma
     dataset = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
     detections = collect_detections(model, data, device, iou_threshold, max_detections,
                                     batch_size, num_workers)
-    metrics = coco_metrics(dataset.coco, detections, dataset.image_ids, dataset.category_ids,
+    metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,
                            dataset.class_names, conf_threshold)
     logger.info("evaluated %d images, %d detections in %.1f s: mAP %.4f mAP50 %.4f",
                 len(dataset.image_ids), len(detections), time.time() - start,
@@ -417,13 +500,13 @@ def main(argv=None):
     _check_paths(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import dataset_coco  # lazy: only the CLI needs the dataset and detector modules
-    from ort_detector import load_detector
+    from ort_detector import ModelLoadError, load_detector
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = load_detector(args.checkpoint, args.backend, args.device, args.threads)
-    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError) as error:
-        parser.error(f"cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}")
+    except (ModelLoadError, FileNotFoundError) as error:  # one line and exit status 2, as predict.py
+        parser.exit(2, f"error: cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}\n")
     class_names = _class_names(parser, args, model)
     if args.conf is None:
         args.conf = model.conf_threshold
@@ -435,7 +518,7 @@ def main(argv=None):
         parser.error(str(error))
     detections = collect_detections(model, dataset, args.device if args.backend != "onnxruntime" else "cpu", args.iou,
                                     batch_size=args.batch_size, num_workers=0)
-    metrics = coco_metrics(dataset.coco, detections, dataset.image_ids, dataset.category_ids,
+    metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,
                            dataset.class_names, args.conf)
     print(format_metrics(metrics))
     if args.save_json:

@@ -371,8 +371,9 @@ def write_int8(model, args, onnx_path, outputs):
     quantization["calibration"]["source"] = args.calib_images
     write_json_atomic({**sidecar(model, args, int8_path, outputs), "quantization": quantization,
                        "float_model": os.path.basename(onnx_path)}, sidecar_path(int8_path))
-    print(f"quantised {int8_path} (QDQ, int8 weights per channel, calibrated on {len(images)} images of "
-          f"{args.calib_images}); the float model stays at {onnx_path}")
+    print(f"quantised {int8_path} (QDQ, 7-bit int8 weights per channel, calibrated on "
+          f"{quantization['calibration']['images']} images of {args.calib_images}); the float model stays at "
+          f"{onnx_path}")
     return {"int8_path": int8_path, "int8_sidecar_path": sidecar_path(int8_path), "quantization": quantization}
 
 

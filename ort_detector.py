@@ -8,13 +8,18 @@ selection of detections (model_lightweight.select_detections: threshold, top-k, 
 mapping back to original pixels as the PyTorch model, so predict.py and evaluate.py give the same outputs with
 either backend. Class names, input size and the calibrated score threshold come from the sidecar.
 """
+import hashlib
 import json
+import logging
 import os
+import tempfile
 
 import numpy as np
 import torch
 
 from model_lightweight import DEFAULT_CONF_THRESHOLD, letterbox_groups, select_detections, unletterbox
+
+logger = logging.getLogger(__name__)
 
 
 def session_options(threads=None):
@@ -30,32 +35,98 @@ def session_options(threads=None):
 
 
 BACKENDS = ("pytorch", "onnxruntime")
+EXPORT_CACHE = "onnx_cache"  # folder beside a .pth that holds its exports for the onnxruntime backend
 
 
-def load_detector(checkpoint, backend=None, device="cpu", threads=None, export_dir=None):
+class ModelLoadError(ValueError):
+    """A checkpoint or exported model that cannot be loaded: predict.py and evaluate.py print it as one line and
+    exit with status 2."""
+
+
+def load_detector(checkpoint, backend=None, device="cpu", threads=None, cache_dir=None):
     """The detector predict.py and evaluate.py run: a training checkpoint (.pth) in PyTorch, BatchNorm fused, or
     an exported .onnx in ONNX Runtime. `backend` None follows the file; "onnxruntime" with a .pth exports it first,
-    into `export_dir` (the run's folder)."""
+    into `cache_dir` (default: onnx_cache/ beside the .pth; see exported_copy).
+
+    Raises FileNotFoundError for a missing file and ModelLoadError for one that cannot be loaded (a truncated
+    .onnx, a sidecar without class names, a file that is no checkpoint, ...)."""
     from model_lightweight import load_model
     backend = backend or ("onnxruntime" if str(checkpoint).endswith(".onnx") else "pytorch")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "pytorch":
-        if str(checkpoint).endswith(".onnx"):
-            raise ValueError(f"{checkpoint} is an ONNX model: run it with --backend onnxruntime")
-        return load_model(checkpoint, device=device).fuse()
-    if not str(checkpoint).endswith(".onnx"):
-        import export
-        onnx_path = os.path.join(export_dir or os.path.dirname(os.path.abspath(checkpoint)),
-                                 os.path.splitext(os.path.basename(checkpoint))[0] + ".onnx")
-        export.main(["--checkpoint", str(checkpoint), "--output", onnx_path, "--runs", "1", "--warmup", "0"]
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        if backend == "pytorch":
+            if str(checkpoint).endswith(".onnx"):
+                raise ModelLoadError(f"{checkpoint} is an ONNX model: run it with --backend onnxruntime")
+            return load_model(checkpoint, device=device).fuse()
+        if not str(checkpoint).endswith(".onnx"):
+            checkpoint = exported_copy(checkpoint, threads, cache_dir)
+        return OrtDetector(checkpoint, threads)
+    except (FileNotFoundError, ModelLoadError):
+        raise
+    except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
+        raise ModelLoadError(f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}") from None
+
+
+def exported_copy(checkpoint, threads=None, cache_dir=None):
+    """The .onnx export of a .pth for the onnxruntime backend: cache_dir/STEM-KEY.onnx and its sidecar, KEY a hash
+    of the checkpoint's bytes, the export options and the code that builds the graph, reused while all match.
+
+    Never NAME.onnx beside the checkpoint: that is where export.py writes by default, perhaps with other options
+    (--include-nms, another --img-size), and it is the user's file. A new export is written in a temporary
+    folder and moved in when export.py has checked it, so an interrupted or failed export leaves nothing to reuse."""
+    import export
+    import model_lightweight
+    options = ["--opset", str(export.DEFAULT_OPSET)]
+    key = hashlib.sha256(json.dumps({"options": options, "torch": torch.__version__}).encode())
+    for path in (checkpoint, export.__file__, model_lightweight.__file__):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                key.update(block)
+    folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EXPORT_CACHE)
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    onnx_path = os.path.join(folder, f"{stem}-{key.hexdigest()[:16]}.onnx")
+    if os.path.isfile(onnx_path) and os.path.isfile(sidecar_path(onnx_path)):
+        logger.info("reusing %s, the export of %s", onnx_path, checkpoint)
+        return onnx_path
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as staging:
+        staged = os.path.join(staging, os.path.basename(onnx_path))
+        export.main(["--checkpoint", str(checkpoint), "--output", staged, "--runs", "1", "--warmup", "0", *options]
                     + (["--threads", str(threads)] if threads else []))
-        checkpoint = onnx_path
-    return OrtDetector(checkpoint, threads)
+        os.replace(staged, onnx_path)
+        os.replace(sidecar_path(staged), sidecar_path(onnx_path))  # last: a sidecar means a complete export
+    return onnx_path
 
 
 def sidecar_path(onnx_path):
     return os.path.splitext(str(onnx_path))[0] + ".json"
+
+
+def read_sidecar(onnx_path):
+    """export.py's sidecar of `onnx_path`, checked for what OrtDetector reads; ModelLoadError names what is wrong."""
+    path = sidecar_path(onnx_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{onnx_path} has no sidecar {path} (class names, input size, threshold); export it "
+                                f"with export.py")
+    try:
+        with open(path) as f:
+            sidecar = json.load(f)
+        class_names, size = sidecar["class_names"], sidecar["input"]["letterbox"]["size"]
+        outputs = sidecar.get("outputs", {})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, a key missing, ...
+        what = f"no {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise ModelLoadError(f"sidecar {path} is not export.py's ({what}): export {onnx_path} again with "
+                             f"export.py") from None
+    if not isinstance(class_names, list) or not class_names or not isinstance(size, int) or size <= 0:
+        raise ModelLoadError(f"sidecar {path}: class_names must be a non-empty list and input.letterbox.size a "
+                             f"positive integer, got {class_names!r} and {size!r}")
+    if "boxes" not in outputs:
+        raise ModelLoadError(f"{onnx_path} was exported with --include-nms; the backend needs the boxes and scores "
+                             f"outputs: export it again without --include-nms")
+    return sidecar
 
 
 class OrtDetector:
@@ -68,17 +139,14 @@ class OrtDetector:
         onnx_path = str(onnx_path)
         if not os.path.isfile(onnx_path):
             raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
-        if not os.path.isfile(sidecar_path(onnx_path)):
-            raise FileNotFoundError(f"{onnx_path} has no sidecar {sidecar_path(onnx_path)} (class names, input size, "
-                                    f"threshold); export it with export.py")
-        with open(sidecar_path(onnx_path)) as f:
-            self.sidecar = json.load(f)
-        if "boxes" not in self.sidecar.get("outputs", {}):
-            raise ValueError(f"{onnx_path} was exported with --include-nms; the backend needs the boxes and scores "
-                             f"outputs: export it again without --include-nms")
+        self.sidecar = read_sidecar(onnx_path)
         self.path = onnx_path
-        self.session = onnxruntime.InferenceSession(onnx_path, session_options(threads),
-                                                    providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(onnx_path, session_options(threads),
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, ... derive from Exception only
+            raise ModelLoadError(f"{onnx_path} is not a model ONNX Runtime can load ({type(error).__name__}: "
+                                 f"{(str(error) or '?').splitlines()[0]})") from None
         shape = self.session.get_inputs()[0].shape
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.rect = not isinstance(shape[2], int)  # dynamic height and width: rectangular letterbox

@@ -9,19 +9,26 @@ optional evaluation.
 --source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not
 subfolders) or a glob (quote it; ** recurses). Images are read by dataset_coco.load_image (EXIF orientation,
 grayscale, palette, alpha, CMYK and 16-bit handled). Each run writes a new folder: --save-dir (default
-predictions), or predictions-2, predictions-3, ... when it exists (--exist-ok reuses it). It receives each image
-with its boxes drawn, under its own name (paths relative to the source folder for recursive globs), and
-predictions.json: COCO results ({"image_id", "file_name", "category_id", "category_name", "bbox" xywh pixels,
-"score"}); each video as NAME.mp4 with boxes drawn and NAME.json with the detections of every frame; with
+predictions), or predictions-2, predictions-3, ... when it exists (--exist-ok reuses it); it is made by the first
+file written, so a run that fails on its input leaves none. It receives each image with its boxes drawn, as
+NAME.EXT, and predictions.json: COCO results ({"image_id", "file_name", "category_id", "category_name", "bbox" xywh
+pixels, "score"}); each video as NAME.mp4 with boxes drawn and NAME.json with the detections of every frame; with
 --save-txt, labels/NAME.txt per image (per frame: labels/NAME_<frame>.txt) in YOLO's format, `class cx cy w h`
-normalised (and the score with --save-conf). The score threshold is the checkpoint's calibrated one unless --conf
-says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's (matched by
-class name and file path), and the image detections are scored against its ground truth with
+normalised (and the score with --save-conf). NAME is the file's path relative to the folder the images (or the
+videos) share, without its extension: the base name for one folder, subfolders kept for a recursive glob. Where
+two files' outputs would share a name (a.jpg and a.png with --save-txt, a.mp4 and a.mov, a_0.jpg and the frames
+of a.mp4; compared case-insensitively; predictions.json is reserved), the first (images first, each kind in
+sorted path order) keeps NAME and each later one appends its extension (a.png -> a_png.png and labels/a_png.txt),
+then _2, _3, ...: no output is overwritten within a run. The score threshold is the checkpoint's calibrated one
+unless --conf says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's
+(matched by class name and file path), and the image detections are scored against its ground truth with
 evaluate.coco_metrics; otherwise categories are 1..K in the checkpoint's class order and images 1..N in sorted
 path order.
 """
 import argparse
+import collections
 import glob
+import itertools
 import logging
 import os
 import posixpath
@@ -34,9 +41,9 @@ from tqdm import tqdm
 
 from config import run_cli, write_json_atomic
 from annotations import index_coco, read_annotations
-from dataset_coco import load_image
-from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, predictions_to_coco
-from ort_detector import load_detector
+from dataset_coco import CocoDetectionDataset, load_image
+from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco
+from ort_detector import ModelLoadError, load_detector
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
 
 logger = logging.getLogger("predict")
@@ -55,11 +62,12 @@ class PredictError(ValueError):
 # ---------------------------------------------------------------------------------------------- inputs
 
 def find_sources(source):
-    """Sorted image paths of `source` (a file, a folder, non-recursive, or a glob) with their names, and its videos.
+    """Sorted image and video paths of `source` (a file, a folder, non-recursive, or a glob) with their names.
 
     Returns:
-        (image paths, image names, video paths): names are paths relative to the folder the images share (the
-        base name for one folder), used for the drawn copies and in predictions.json.
+        (image paths, image names, video paths, video names): names are paths relative to the folder the images
+        (the videos) share, the base name for one folder; image names are the file_name of predictions.json, and
+        both are the start of the output names (output_stems).
     """
     media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     if os.path.isdir(source):
@@ -69,8 +77,8 @@ def find_sources(source):
             raise PredictError(f"--source {source} is neither an image ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
                                f"nor a video ({'/'.join(e[1:] for e in VIDEO_EXTENSIONS)})")
         paths = [source]
-    elif source.lower().endswith(VIDEO_EXTENSIONS) and not glob.has_magic(source):
-        raise PredictError(f"video not found: {source}")
+    elif not os.path.exists(source) and not glob.has_magic(source):  # a typo, not an empty folder (issue #24)
+        raise PredictError(f"--source {source} does not exist")
     else:
         paths = glob.glob(source, recursive=True)
     paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(media))
@@ -80,21 +88,89 @@ def find_sources(source):
                            f"({', '.join(e[1:] for e in VIDEO_EXTENSIONS)}) found in --source {what} {source}")
     images = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
     videos = [p for p in paths if p.lower().endswith(VIDEO_EXTENSIONS)]
-    if not images:
-        return [], [], videos
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in images])
-    return images, [os.path.relpath(os.path.abspath(p), root) for p in images], videos
+    return images, _relative_names(images), videos, _relative_names(videos)
+
+
+def _relative_names(paths):
+    """`paths` relative to the folder they share (base names for one folder)."""
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
+def output_stems(image_names, video_names, save_txt=False):
+    """One output stem per file, so that no output of a run overwrites another (issue #24).
+
+    An image writes STEM.EXT (drawn) and, with `save_txt`, labels/STEM.txt; a video STEM.mp4, STEM.json and
+    labels/STEM_<frame>.txt; predictions.json is the images'. A file keeps its name without the extension as its
+    stem unless its outputs would share a name with another's (compared case-insensitively, as macOS and Windows
+    do). Then the first of those (images first, in the order given) keeps it, and each later one appends its
+    extension, then _2, _3, ...: a.jpg, a.png -> a, a_png.
+
+    Returns:
+        (image stems, video stems) in the order of `image_names`, `video_names`.
+    """
+    files = [(name, False) for name in image_names] + [(name, True) for name in video_names]
+    plain = [_claims(*os.path.splitext(name), is_video, save_txt) for name, is_video in files]
+    owners, probers = collections.Counter(), collections.Counter()
+    for owns, probes in plain:
+        owners.update(owns)
+        probers.update(probes)
+    taken, taken_probes, stems = {"predictions.json"}, set(), [None] * len(files)
+    for i, (owns, probes) in enumerate(plain):  # a name no other file's outputs share stays as it is
+        if all(owners[k] == 1 and not probers[k] for k in owns) and not any(owners[k] for k in probes) \
+                and _free(owns, probes, taken, ()):
+            stems[i] = os.path.splitext(files[i][0])[0]
+            taken |= owns
+            taken_probes |= probes
+    for i in (i for i, stem in enumerate(stems) if stem is None):
+        name, is_video = files[i]
+        for number, candidate in enumerate(_stem_candidates(*os.path.splitext(name))):
+            owns, probes = _claims(candidate, os.path.splitext(name)[1], is_video, save_txt)
+            # A suffixed stem also avoids every file's own name, so it never takes one a later file keeps.
+            if _free(owns, probes, taken, taken_probes) and (number == 0 or _free(owns, probes, owners, probers)):
+                break
+        stems[i] = candidate
+        taken |= owns
+        taken_probes |= probes
+    return stems[:len(image_names)], stems[len(image_names):]
+
+
+def _free(owns, probes, owned, probed):
+    """Whether outputs `owns` (and frame labels `probes`) clash with none of `owned` (and `probed`)."""
+    return not any(k in owned or k in probed for k in owns) and not any(k in owned for k in probes)
+
+
+def _stem_candidates(stem, extension):
+    yield stem
+    yield f"{stem}_{extension[1:]}"
+    for number in itertools.count(2):
+        yield f"{stem}_{extension[1:]}_{number}"
+
+
+def _claims(stem, extension, is_video, save_txt):
+    """(outputs a file with this stem owns, frame labels its label file could be mistaken for), case-folded; a
+    video's frame labels are the one pattern labels/STEM_#, which labels/a_3.txt of an image falls under."""
+    stem = stem.replace(os.sep, "/").casefold()
+    if is_video:
+        return {f"{stem}.mp4", f"{stem}.json"} | ({f"labels/{stem}_#"} if save_txt else set()), set()
+    if not save_txt:
+        return {stem + extension.casefold()}, set()
+    prefix, _, frame = stem.rpartition("_")
+    probes = {f"labels/{prefix}_#"} if prefix and frame.isascii() and frame.isdigit() else set()
+    return {stem + extension.casefold(), f"labels/{stem}.txt"}, probes
 
 
 def numbered_dir(path, exist_ok=False):
     """`path`, or path-2, path-3, ... the first that does not exist, so a run never overwrites another's output
-    (YOLO's increment_path); with `exist_ok`, `path` itself. The folder is created."""
+    (YOLO's increment_path); with `exist_ok`, `path` itself. Only named here: the first file written makes it, so a
+    run that fails before writing leaves no empty folder (issue #24)."""
     path = os.path.normpath(path)
     candidate, number = path, 1
     while not exist_ok and os.path.exists(candidate):
         number += 1
         candidate = f"{path}-{number}"
-    os.makedirs(candidate, exist_ok=True)
     return candidate
 
 
@@ -115,14 +191,15 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def coco_ids(ann_path, paths, class_names):
-    """Category ids (by class name, case-insensitive) and image ids (by file) from a COCO file.
+    """Category ids (by class name, case-insensitive) and image ids (by file) from a COCO file, and its ground truth.
 
     An image matches the entry whose ``file_name`` is the longest tail of its path (``DIR/a/0001.png`` is
     ``a/0001.png``, not ``b/0001.png``); a file whose tail matches no entry but whose base name matches
     several is an error naming them, never a silent pick.
 
     Returns:
-        (COCO object, category_ids in class order, image_ids in `paths` order).
+        (COCO ground truth of the matched images as training cleans it, see evaluate.ground_truth_coco;
+        category_ids in class order; image_ids in `paths` order).
     """
     try:  # a COCO JSON's own image root does not matter here: images are matched by their paths
         data, _, _ = read_annotations(ann_path, image_root=os.path.dirname(os.path.abspath(paths[0])))
@@ -152,7 +229,20 @@ def coco_ids(ann_path, paths, class_names):
     if missing:
         raise PredictError(f"{len(missing)}/{len(paths)} images are not in --ann {ann_path} (e.g. "
                            f"{', '.join(missing[:3])}); pass a --source that holds only its images")
-    return coco, category_ids, image_ids
+    # Scored against the boxes as training sees them: clipped to the image, dropped ones left out, EXIF-turned
+    # (issue #24). The dataset reads the matched entries, each pointing at the file it matched.
+    path_of = {}
+    for path, image_id in zip(paths, image_ids):
+        path_of.setdefault(image_id, os.path.abspath(path))
+    matched = {"images": [dict(image, file_name=path_of[image["id"]]) for image in coco.dataset["images"]
+                          if image["id"] in path_of],
+               "annotations": [dict(ann) for ann in coco.dataset["annotations"] if ann["image_id"] in path_of],
+               "categories": coco.dataset["categories"], "info": {"source": str(ann_path)}}
+    try:
+        dataset = CocoDetectionDataset(matched, os.path.dirname(path_of[image_ids[0]]), classes=list(class_names))
+    except (FileNotFoundError, ValueError) as error:
+        raise PredictError(f"--ann: {error}") from None
+    return ground_truth_coco(dataset), category_ids, image_ids
 
 
 def _match_image(path, by_base, ann_path):
@@ -187,14 +277,15 @@ def predict_images(model, paths, skipped, conf_threshold=0.5, iou_threshold=0.6,
                 yield index, image, {key: value.cpu() for key, value in result.items()}
 
 
-def predict_video(model, path, save_dir, options, class_names, progress=True):
-    """Predict every frame of a video; write SAVE_DIR/NAME.mp4 (boxes drawn, the source's frame rate) and
-    SAVE_DIR/NAME.json (the detections of every frame), and with options.save_txt a YOLO txt per frame.
+def predict_video(model, path, save_dir, options, class_names, progress=True, stem=None):
+    """Predict every frame of a video; write SAVE_DIR/STEM.mp4 (boxes drawn, the source's frame rate) and
+    SAVE_DIR/STEM.json (the detections of every frame), and with options.save_txt a YOLO txt per frame
+    (labels/STEM_<frame>.txt). `stem` is the video's from output_stems; default: its base name without extension.
 
     Returns:
         (frames, detections) counts.
     """
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = stem or os.path.splitext(os.path.basename(path))[0]
     container, stream = open_video(path)  # a missing or undecodable file fails here, in one line
     fps, total = video_fps(stream), stream.frames or None
     container.close()
@@ -293,29 +384,56 @@ def above(result, conf_threshold):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+def _at_least(minimum):
+    """An argparse type: an integer >= `minimum`, else one parser error line, not a traceback later (issue #24)."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return integer
+
+
+def _fraction(text):
+    """An argparse type: a float in [0, 1] (a score or IoU threshold); nan and inf are errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="best_model.pth written by training, or an exported .onnx "
                                                             "(with its sidecar JSON)")
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"),
-                        help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, beside it); "
+                        help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, into onnx_cache/ beside it); "
                              "default: the checkpoint's kind")
-    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch or ONNX Runtime")
+    parser.add_argument("--threads", type=_at_least(1), help="CPU threads of PyTorch or ONNX Runtime")
     parser.add_argument("--source", required=True, help="an image, a video, a folder of them, or a quoted glob")
-    parser.add_argument("--conf", type=float, default=None,
+    parser.add_argument("--conf", type=_fraction, default=None,
                         help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
                              "threshold, stored by fine-tuning; else 0.25)")
-    parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=int, default=100, help="detections kept per image")
+    parser.add_argument("--iou", type=_fraction, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=_at_least(1), default=100, help="detections kept per image")
     parser.add_argument("--save-dir", default="predictions",
                         help="output folder; when it exists, the next free SAVE_DIR-2, SAVE_DIR-3, ...")
     parser.add_argument("--exist-ok", action="store_true", help="write into --save-dir even when it exists")
-    parser.add_argument("--save-txt", action="store_true", help="also write YOLO txt labels (labels/NAME.txt)")
+    parser.add_argument("--save-txt", action="store_true",
+                        help="also write YOLO txt labels, labels/NAME.txt (a file whose label would collide with "
+                             "another's, e.g. a.png beside a.jpg, is named with its extension: labels/a_png.txt)")
     parser.add_argument("--save-conf", action="store_true", help="with --save-txt: the score as a sixth field")
     parser.add_argument("--ann", default=None, help="annotations of the source images (COCO JSON, VOC folder, YOLO "
                                                     "labels): ids and evaluation")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: main process)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=8, help="images per forward pass")
+    parser.add_argument("--workers", type=_at_least(0), default=2,
+                        help="image-decoding worker processes (0: main process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device, e.g. cpu or cuda")
     parser.add_argument("--compile", action="store_true",
@@ -326,9 +444,12 @@ def get_args_parser():
 
 
 def _load(args):
-    """The detector of --checkpoint on --backend (a .pth in ONNX Runtime is exported beside it first)."""
+    """The detector of --checkpoint on --backend (a .pth in ONNX Runtime is exported first, into onnx_cache/ beside
+    it)."""
     try:
         return load_detector(args.checkpoint, args.backend, args.device, args.threads)
+    except (ModelLoadError, FileNotFoundError) as error:  # already says what is wrong
+        raise PredictError(f"cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # torch.load on a non-checkpoint raises KeyError, UnpicklingError, EOFError, ...
         raise PredictError(f"cannot load --checkpoint {args.checkpoint}: {type(error).__name__}: "
                            f"{(str(error) or '?').splitlines()[0]}") from None
@@ -345,13 +466,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isfile(args.checkpoint):  # before --source is scanned: both inputs are checked up front
         raise PredictError(f"--checkpoint not found: {args.checkpoint}")
-    paths, names, videos = find_sources(args.source)
+    paths, names, videos, video_names = find_sources(args.source)
+    image_stems, video_stems = output_stems(names, video_names, args.save_txt)
     for video in videos:  # a missing or undecodable video stops the run before anything is written
         open_video(video)[0].close()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
-    save_dir = numbered_dir(args.save_dir, args.exist_ok)
+    save_dir = numbered_dir(args.save_dir, args.exist_ok)  # made by the first file written
     if args.compile:
         if not hasattr(model, "compile"):
             raise PredictError("--compile is for the PyTorch backend; ONNX Runtime optimises its graph itself")
@@ -363,17 +485,18 @@ def main(argv=None):
     summary = {"images": 0, "skipped": [], "detections": 0, "videos": {}, "save_dir": save_dir,
                "predictions_json": None}
     if paths:
-        summary.update(predict_folder(model, paths, names, save_dir, args, class_names))
-    for video in videos:
-        frames, detections = predict_video(model, video, save_dir, args, class_names, args.progress)
+        summary.update(predict_folder(model, paths, names, image_stems, save_dir, args, class_names))
+    for video, stem in zip(videos, video_stems):
+        frames, detections = predict_video(model, video, save_dir, args, class_names, args.progress, stem)
         summary["videos"][video] = {"frames": frames, "detections": detections}
         print(f"{video}: {frames} frames, {detections} detections at conf >= {args.conf:g}: "
-              f"{os.path.join(save_dir, os.path.splitext(os.path.basename(video))[0])}.mp4 and .json")
+              f"{os.path.join(save_dir, stem)}.mp4 and .json")
     return summary
 
 
-def predict_folder(model, paths, names, save_dir, args, class_names):
-    """The images of a run: drawn copies, predictions.json, YOLO txt labels, and the scores against --ann."""
+def predict_folder(model, paths, names, stems, save_dir, args, class_names):
+    """The images of a run: drawn copies (STEM.EXT), predictions.json (file_name: the name), YOLO txt labels
+    (labels/STEM.txt), and the scores against --ann; `stems` from output_stems."""
     if args.ann:
         coco, category_ids, image_ids = coco_ids(args.ann, paths, class_names)
     else:
@@ -388,10 +511,10 @@ def predict_folder(model, paths, names, save_dir, args, class_names):
         all_detections += predictions_to_coco([result], [image_ids[index]], category_ids)
         result = above(result, args.conf)
         saved += results_json(result, names[index], image_ids[index], category_ids, class_names)
-        save_image(draw(image, result, class_names), os.path.join(save_dir, names[index]))
+        save_image(draw(image, result, class_names),
+                   os.path.join(save_dir, stems[index] + os.path.splitext(names[index])[1]))
         if args.save_txt:
-            write_yolo_txt(result, image.shape[-2:], os.path.join(save_dir, "labels",
-                                                                   os.path.splitext(names[index])[0] + ".txt"),
+            write_yolo_txt(result, image.shape[-2:], os.path.join(save_dir, "labels", stems[index] + ".txt"),
                            args.save_conf)
         tqdm.write(summary_line(names[index], result, class_names))
         predicted.append(index)

@@ -1,18 +1,20 @@
 """Static INT8 quantisation of an exported detector with ONNX Runtime's tools (export.py --int8).
 
-QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer kernels), per-channel int8
-weights, uint8 activations whose ranges are calibrated on N letterboxed training images (MinMax). The stride-2
-convolutions' separate zero Pads (TensorFlow-SAME padding) are folded into the convolutions first, so that no Pad
-runs in float between a DequantizeLinear and a QuantizeLinear. Left in float,
-because they quantise badly or cost nothing:
+QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer kernels), per-channel
+7-bit int8 weights (8-bit ones saturate on x86-64 CPUs without VNNI: see quantize_int8), uint8 activations whose
+ranges are calibrated on N letterboxed training images (MinMax). The stride-2 convolutions' separate zero Pads
+(TensorFlow-SAME padding) are folded into the convolutions first, so that no Pad runs in float between a
+DequantizeLinear and a QuantizeLinear. Left in float, because they quantise badly or cost nothing:
 - the input normalisation (x - mean) / std: one Sub and one Div on the image; quantising the raw [0, 1] input
   to 8 bits is lossless, quantising its normalised copy is not;
-- the last classification and box convolutions and everything after them (softplus, the box decoding, the
-  sigmoid): their outputs are the scores and pixel distances whose small differences decide NMS and mAP.
+- the last classification and box convolutions (at every pyramid level) and everything after them (softplus,
+  the box decoding, the sigmoid): their outputs are the scores and pixel distances whose small differences
+  decide NMS and mAP.
 """
 import glob
 import logging
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -20,18 +22,23 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 FLOAT_OUTPUT_CONVS = ("cls_pred", "box_pred")  # module names of the head's last convolutions
+# The head runs each of them once per pyramid level, and the exporter names those calls cls_pred, cls_pred_1, ...
+_FLOAT_OUTPUT_CONV_NAME = re.compile(r"/(?:%s)(?:_\d+)?/" % "|".join(FLOAT_OUTPUT_CONVS))
 
 
 def float_nodes(onnx_model):
     """Names of the nodes left in float: the input normalisation (the graph's first Sub and Div), the head's
-    last convolutions, and every node downstream of those convolutions."""
+    last convolutions at every pyramid level, and every node downstream of those convolutions.
+
+    All calls of a shared convolution stay float together: one quantised call would quantise the weights
+    they share."""
     graph = onnx_model.graph
     first = [node for node in graph.node if graph.input[0].name in node.input]
     second = [node for node in graph.node if any(o in node.input for f in first for o in f.output)]
     keep = {node.name for node in first + second if node.op_type in ("Sub", "Div")}
-    frontier = {output for node in graph.node if any(f"/{name}/" in node.name for name in FLOAT_OUTPUT_CONVS)
-                for output in node.output}
-    keep |= {node.name for node in graph.node if any(f"/{name}/" in node.name for name in FLOAT_OUTPUT_CONVS)}
+    outputs = [node for node in graph.node if _FLOAT_OUTPUT_CONV_NAME.search(node.name)]
+    frontier = {output for node in outputs for output in node.output}
+    keep |= {node.name for node in outputs}
     changed = True
     while changed:  # everything fed by a float node stays float
         changed = False
@@ -118,18 +125,34 @@ def calibration_images(source, count, root=None):
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader: one letterboxed image per call, as predict() feeds the graph."""
+    """ONNX Runtime's CalibrationDataReader: one letterboxed image per call, as predict() feeds the graph.
+
+    An unreadable image is skipped with a warning, as training skips it; none readable is a ValueError."""
 
     def __init__(self, paths, img_size, rect):
         self.paths, self.img_size, self.rect = list(paths), img_size, rect
+        self.read, self.skipped = 0, []
 
     def get_next(self):
+        from PIL import Image
+
         from dataset_coco import load_image
         from model_lightweight import letterbox
-        if not self.paths:
-            return None
-        image, _ = letterbox(load_image(self.paths.pop(0)), self.img_size, rect=self.rect)
-        return {"images": np.ascontiguousarray(image[None].numpy())}
+        while self.paths:
+            path = self.paths.pop(0)
+            try:
+                image = load_image(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # not an image, ...
+                logger.warning("INT8 calibration: skipping unreadable image %s: %s", path, error)
+                self.skipped.append(path)
+                continue
+            self.read += 1
+            image, _ = letterbox(image, self.img_size, rect=self.rect)
+            return {"images": np.ascontiguousarray(image[None].numpy())}
+        if not self.read:
+            raise ValueError(f"none of the {len(self.skipped)} calibration images could be read (e.g. "
+                             f"{self.skipped[0] if self.skipped else 'none given'})")
+        return None
 
     def rewind(self):  # pragma: no cover - used by newer ONNX Runtime calibrators only
         pass
@@ -149,13 +172,24 @@ def quantize_int8(float_path, int8_path, image_paths, img_size, rect=True):
         folded = fold_pads_into_convs(graph)  # after the pre-processing, which makes the pads constants
         onnx.save(graph, prepared)
         excluded = float_nodes(graph)
-        quantize_static(prepared, int8_path, _Reader(image_paths, img_size, rect), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        reader = _Reader(image_paths, img_size, rect)
+        # 7-bit weights (reduce_range: int8 in [-64, 64]), so that the integers are the same on every x86-64 CPU.
+        # Without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime's uint8 x int8 kernels add pairs of products in
+        # saturating 16 bits (VPMADDUBSW): with 8-bit weights a pair reaches 2 * 255 * 127 > 32767 and those CPUs
+        # compute another model (issue #24); with 7-bit ones it stays within 2 * 255 * 64 = 32640. ONNX Runtime's
+        # quantisation docs offer this or uint8 weights (U8U8 kernels); those run slower than the float model
+        # on depthwise-heavy backbones (lite0), so they would defeat INT8.
+        quantize_static(prepared, int8_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
-    logger.info("INT8: calibrated on %d images; %d nodes left in float; %d pads folded into convolutions",
-                len(image_paths), len(excluded), folded)
-    return {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8, per tensor",
-            "calibration": {"method": "MinMax", "images": len(image_paths)},
-            "float_nodes": "the input normalisation, the head's last classification and box convolutions and "
-                           "the decoding after them", "float_node_count": len(excluded),
+    logger.info("INT8: calibrated on %d images (%d unreadable, skipped); %d nodes left in float; %d pads folded "
+                "into convolutions", reader.read, len(reader.skipped), len(excluded), folded)
+    return {"format": "QDQ", "weights": "int8, symmetric per output channel, reduce_range: 7 bits, [-64, 64]",
+            "activations": "uint8, per tensor",
+            "quantized_for": "every x86-64 CPU alike, with or without VNNI: 7-bit weights keep a pair of uint8 x "
+                             "int8 products within int16 (2 * 255 * 64 = 32640), so ONNX Runtime's 16-bit "
+                             "kernels on AVX2 and AVX-512 without VNNI cannot saturate",
+            "calibration": {"method": "MinMax", "images": reader.read, "skipped_unreadable": reader.skipped},
+            "float_nodes": "the input normalisation, the head's last classification and box convolutions (every "
+                           "pyramid level) and the decoding after them", "float_node_count": len(excluded),
             "pads_folded_into_convs": folded, "tool": "onnxruntime.quantization.quantize_static"}

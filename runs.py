@@ -209,17 +209,14 @@ def new_session(config, model, loader, val_dataset, run, device):
 
 
 def training_loader(dataset, config, drop_last=False):
-    """The shuffled training loader (a DistributedSampler's shard under torchrun), its workers started: their seed
-    is drawn on the first iteration only, and a resumed run must shuffle like an uninterrupted one (reseeded per
-    epoch). `drop_last`: leave out a last partial batch when there are whole ones (a batch of a few images gives
-    noisy BatchNorm statistics, which fine-tuning on small sets feels)."""
+    """The shuffled training loader (a DistributedSampler's shard under torchrun). Its order and augmentations are
+    a function of (seed, epoch, image) (dataset_coco.SeededSampler), so a resumed run sees the batches of an
+    uninterrupted one whatever the workers did before. `drop_last`: leave out a last partial batch when there are
+    whole ones (a batch of a few images gives noisy BatchNorm statistics, which fine-tuning on small sets feels)."""
     sampler = distributed.train_sampler(dataset, config["seed"])
-    loader = build_dataloader(dataset, config["batch_size"], shuffle=True, num_workers=config["workers"],
-                              drop_last=drop_last and len(sampler or dataset) > config["batch_size"],
-                              seed=distributed.rank_seed(config["seed"]), sampler=sampler)
-    if loader.num_workers > 0:
-        iter(loader)
-    return loader
+    return build_dataloader(dataset, config["batch_size"], shuffle=True, num_workers=config["workers"],
+                            drop_last=drop_last and len(sampler or dataset) > config["batch_size"],
+                            seed=distributed.rank_seed(config["seed"]), sampler=sampler)
 
 
 def saved_split(config, layout):
@@ -247,11 +244,10 @@ def lr_scale(config):
 
 
 def train_epoch(session, stage, epoch, total_epochs, evaluated=True):
-    """Train one epoch (the data order seeded by seed + epoch, so a resumed run repeats it), then rank 0 evaluates,
-    logs and saves while the other ranks wait. Returns the evaluation's metrics on rank 0, else None."""
+    """Train one epoch (its batches a function of seed and epoch, so a resumed run repeats them), then rank 0
+    evaluates, logs and saves while the other ranks wait. Returns the evaluation's metrics on rank 0, else None."""
     config, loader = session.config, session.loader
-    loader.generator.manual_seed(distributed.rank_seed(config["seed"] + epoch))
-    distributed.set_epoch(loader, epoch)
+    loader.sampler.set_epoch(epoch)  # the order (a DistributedSampler's too) and every image's augmentation
     started = time.perf_counter()
     train_metrics = engine.train_one_epoch(
         session.train_model, session.criterion, loader, session.state, engine.StepOptions.from_config(config), epoch,
@@ -325,21 +321,15 @@ def calibrated_threshold(metrics):
 
 
 def save_epoch(run, state, stage, epoch, metrics, is_best):
-    """`last` (and its backbone) every epoch, a snapshot every save_interval, `best` (and its backbone) on a new
-    best mAP; the best and backbone files hold the EMA weights, which were scored."""
+    """`best` (and its backbone) on a new best mAP, a snapshot every save_interval, the backbone of `last`, then
+    `last`, each file atomic. `last` goes last: it says which epoch finished and which was best, so a crash between
+    two writes resumes that epoch and never trusts a `best` older than `last` records (issue #24). The best and
+    backbone files hold the EMA weights, which were scored."""
     metadata = {"epoch": epoch, "stage": stage["index"], "stage_name": stage["name"], "script": run.script}
-    checkpoint = engine.training_checkpoint(state, run.class_names, run.config, best_map=run.best_map,
-                                            summary=run.summary, **metadata)
-    save_checkpoint(checkpoint, run.path("last"))
-    run.last_saved_epoch = epoch
-    interval = run.config.get("save_interval")
-    if "snapshot" in run.layout and interval and epoch % interval == 0:
-        save_checkpoint(checkpoint, run.path("snapshot", epoch=epoch))
     backbone = None
     if "last_backbone" in run.layout:
         backbone = state.ema.module.backbone_checkpoint(class_names=run.class_names, epoch=epoch,
                                                         mAP=metrics["mAP"] if metrics else None)
-        save_checkpoint(backbone, run.path("last_backbone"))
     if is_best:
         best = model_checkpoint(state.ema.module, run.class_names, config=engine.json_safe(run.config),
                                 metrics=run.summary["best_metrics"], conf_threshold=run.summary["conf_threshold"],
@@ -347,6 +337,15 @@ def save_epoch(run, state, stage, epoch, metrics, is_best):
         save_checkpoint(best, run.path("best"))
         if backbone is not None:
             save_checkpoint(backbone, run.path("best_backbone"))
+    checkpoint = engine.training_checkpoint(state, run.class_names, run.config, best_map=run.best_map,
+                                            summary=run.summary, **metadata)
+    interval = run.config.get("save_interval")
+    if "snapshot" in run.layout and interval and epoch % interval == 0:
+        save_checkpoint(checkpoint, run.path("snapshot", epoch=epoch))
+    if backbone is not None:
+        save_checkpoint(backbone, run.path("last_backbone"))
+    save_checkpoint(checkpoint, run.path("last"))
+    run.last_saved_epoch = epoch
 
 
 def close_run(run, names):

@@ -4,6 +4,7 @@
     with VideoWriter("out.mp4", fps=30) as writer: writer.write(frame)
 """
 import fractions
+import os
 
 import av
 import numpy as np
@@ -59,10 +60,11 @@ def read_frames(path):
 
 class VideoWriter:
     """Encode uint8 (3, H, W) frames to a video (H.264 where FFmpeg has it, else MPEG-4), at `fps`; the size is
-    the first frame's, rounded up to even sides (yuv420p needs them) with black."""
+    the first frame's, rounded up to even sides (yuv420p needs them) with black. The folder is made if missing."""
 
     def __init__(self, path, fps):
         self.path, self.fps = str(path), fractions.Fraction(fps).limit_denominator(100000)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.container, self.stream = av.open(self.path, mode="w"), None
 
     def write(self, frame):

@@ -12,7 +12,9 @@ import yaml
 from PIL import Image
 
 import annotations
+import config
 import dataset_coco
+from conftest import exits_with_one_line
 from evaluate import coco_metrics
 from synthetic_data import write_shapes_split
 
@@ -227,3 +229,139 @@ def test_bad_yolo_lines_are_skipped_and_counted(three_formats, tmp_path, caplog,
     original, _, _ = annotations.read_annotations(data_yaml)
     assert len(data["annotations"]) == len(original["annotations"])  # the bad line, and only it, is left out
     assert problem in caplog.text and caplog.text.count("(e.g.") == 1  # one warning, with an example
+
+
+# ---- data-format edges (issue #24) ----------------------------------------------------------------------------
+def write_yolo_split(folder, labels, size=(40, 32)):
+    """folder/images/*.png (W x H = `size`) and folder/labels/*.txt from {stem: [label line, ...] or None (no file)}."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "labels"), exist_ok=True)
+    for stem, lines in labels.items():
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(os.path.join(folder, "images", f"{stem}.png"))
+        if lines is not None:
+            with open(os.path.join(folder, "labels", f"{stem}.txt"), "w") as f:
+                f.write("\n".join(lines))
+
+
+def write_data_yaml(path, **entries):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump({"names": ["kangaroo"], **entries}, f)
+    return str(path)
+
+
+def test_a_parent_folder_named_images_keeps_the_yolo_labels(tmp_path):
+    """Only the last images/ of a path becomes labels/ (Ultralytics' img2label_paths), wherever the set lies."""
+    boxes = {}
+    for parent in ("yolo1", os.path.join("images", "proj")):
+        dataset = tmp_path / parent / "ds"
+        write_yolo_split(dataset / "train", {"a": ["0 0.5 0.5 0.5 0.5"], "b": ["0 0.25 0.25 0.2 0.2"], "c": None})
+        data_yaml = write_data_yaml(dataset / "data.yaml", train="train/images")
+        data, root, _ = annotations.read_annotations(data_yaml)
+        boxes[parent] = sorted((image["file_name"], ann["bbox"]) for image in data["images"]
+                               for ann in data["annotations"] if ann["image_id"] == image["id"])
+        labels_folder = str(dataset / "train" / "labels")
+        data, _, _ = annotations.read_annotations(labels_folder)  # the labels folder finds its images alike
+        assert len(data["annotations"]) == 2
+    assert len(boxes["yolo1"]) == 2 and boxes[os.path.join("images", "proj")] == boxes["yolo1"]
+
+
+def test_a_yolo_set_without_any_label_file_is_refused(tmp_path):
+    write_yolo_split(tmp_path / "ds", {"a": None, "b": None})
+    data_yaml = write_data_yaml(tmp_path / "ds" / "data.yaml", train="images")
+    with pytest.raises(ValueError, match=r"none of the 2 images in .*images has a label file in .*labels"):
+        annotations.read_annotations(data_yaml)
+    write_yolo_split(tmp_path / "ds", {"c": []})  # one empty label file: a set of negatives someone labelled
+    data, _, _ = annotations.read_annotations(data_yaml)
+    assert len(data["images"]) == 3 and not data["annotations"]
+
+
+def _coco_with(images, annotations_):
+    return {"images": images, "annotations": annotations_, "categories": [{"id": 1, "name": "x"}]}
+
+
+@pytest.mark.parametrize("key, data", [
+    ("images", _coco_with([{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+                          [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])),
+    ("annotations", _coco_with([{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                               [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                                {"id": 7, "image_id": 2, "category_id": 1, "bbox": [2, 2, 5, 5]}])),
+])
+def test_duplicate_coco_ids_are_one_line(tmp_path, monkeypatch, capsys, key, data):
+    """pycocotools keeps the last entry of an id: one photo (or box) would vanish into another."""
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(data))
+    expected = f"dup.json: 1 {key} ids appear more than once"
+    with pytest.raises(ValueError, match=expected):
+        annotations.read_annotations(path, tmp_path)
+    with pytest.raises(ValueError, match=expected):
+        annotations.index_coco(json.loads(path.read_text()), str(path))
+    with pytest.raises(ValueError, match=expected):
+        dataset_coco.load_coco_json(str(path))
+    monkeypatch.setattr("sys.argv", ["dataset_coco.py", "--ann", str(path), "--root", str(tmp_path)])
+    assert expected in exits_with_one_line(capsys, dataset_coco.run)
+
+
+def test_coco_annotations_without_an_id_are_numbered():
+    data = _coco_with([{"id": 1, "file_name": "a.png"}],
+                      [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                       {"image_id": 1, "category_id": 1, "bbox": [2, 2, 5, 5]}])  # no id: pycocotools raised KeyError
+    coco = annotations.index_coco(data, "a.json")
+    assert sorted(coco.anns) == [5, 6] and len(coco.imgToAnns[1]) == 2
+
+
+def test_roboflow_data_yaml_is_read(tmp_path):
+    """Roboflow's export: data.yaml at the root says ../train/images, and train/ valid/ test/ lie beside it
+    (Ultralytics tries a '../' entry that is not there without its '../')."""
+    root = tmp_path / "kangaroo.v1i.yolov8"
+    write_yolo_split(root / "train", {"a": ["0 0.5 0.5 0.5 0.5"], "b": ["0 0.3 0.3 0.2 0.2", "0 0.7 0.7 0.2 0.2"],
+                                      "c": None})
+    write_yolo_split(root / "valid", {"d": ["0 0.5 0.5 0.25 0.25"]})
+    write_yolo_split(root / "test", {"e": ["0 0.5 0.5 0.25 0.25"]})
+    data_yaml = write_data_yaml(root / "data.yaml", train="../train/images", val="../valid/images",
+                                test="../test/images", nc=1)
+    (train, train_root), (val, val_root), split = dataset_coco.load_train_val(data_yaml)
+    assert split is None and train_root == str(root / "train" / "images") and val_root == str(root / "valid" / "images")
+    counts = len(train["images"]), len(train["annotations"]), len(val["images"]), len(val["annotations"])
+    assert counts == (3, 3, 1, 1)
+    assert train["categories"] == [{"id": 1, "name": "kangaroo"}]
+
+
+@pytest.mark.parametrize("names", [{"a": "kangaroo"}, {1: "kangaroo"}])
+def test_bad_yolo_names_error_names_the_file(tmp_path, names):
+    write_yolo_split(tmp_path / "ds", {"a": ["0 0.5 0.5 0.5 0.5"]})
+    data_yaml = write_data_yaml(tmp_path / "ds" / "data.yaml", train="images", names=names)
+    with pytest.raises(ValueError, match=r"^.*ds.data\.yaml: names must be indexed 0\.\.0") as info:
+        annotations.read_annotations(data_yaml)
+    assert "\n" not in str(info.value)
+
+
+def test_a_six_decimal_overshoot_is_the_edge_but_a_real_one_is_clipped(tmp_path, caplog):
+    """YOLO labels rounded to 6 decimals put an edge that touches the image up to a few 1e-7 past it."""
+    write_yolo_split(tmp_path / "ds", {"edge": ["0 0.850000 0.149999 0.300001 0.300000"],
+                                       "over": ["0 0.900000 0.500000 0.300000 0.200000"]}, size=(97, 61))
+    data_yaml = write_data_yaml(tmp_path / "ds" / "data.yaml", train="images")
+    data, root, _ = annotations.read_annotations(data_yaml)
+    edge = dataset_coco.CocoDetectionDataset(annotations.subset(data, {"edge.png"}), root)
+    boxes, _ = edge.get_annotations(0)
+    assert boxes[0, 2].item() == 97 and boxes[0, 1].item() == 0 and edge.stats["boxes_clipped"] == 0
+    with caplog.at_level(logging.WARNING, logger="dataset_coco"):
+        over = dataset_coco.CocoDetectionDataset(annotations.subset(data, {"over.png"}), root)
+    assert over.stats["boxes_clipped"] == 1 and "clipped 1 boxes" in caplog.text
+
+
+def test_a_data_yaml_val_wins_over_an_explicit_val_fraction_with_a_warning(tmp_path, caplog):
+    write_yolo_split(tmp_path / "ds" / "train", {"a": ["0 0.5 0.5 0.5 0.5"], "b": ["0 0.3 0.3 0.2 0.2"]})
+    write_yolo_split(tmp_path / "ds" / "valid", {"c": ["0 0.5 0.5 0.25 0.25"]})
+    data_yaml = write_data_yaml(tmp_path / "ds" / "data.yaml", train="train/images", val="valid/images")
+    settings = {"train_ann": data_yaml, "train_root": None, "val_ann": None, "val_root": None, "val_fraction": 0.3}
+    with caplog.at_level(logging.WARNING, logger="config"):
+        config.check_data(settings, {"val_fraction": 0.3})  # typed --val-fraction 0.3
+    (record,) = caplog.records
+    assert f"{data_yaml} has a val entry: its images validate, and --val-fraction 0.3 is ignored" == record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="config"):
+        config.check_data(settings, {})  # the default fraction: nothing to say
+    assert not caplog.records
+    (_, _), (val, _), split = dataset_coco.load_train_val(data_yaml, val_fraction=0.3)
+    assert split is None and [image["file_name"] for image in val["images"]] == ["c.png"]

@@ -542,3 +542,78 @@ def test_exif_rotated_photos_annotated_in_the_stored_frame_are_turned(tmp_path, 
     assert image[:, int(y0) + 2:int(y1) - 2, int(x0) + 2:int(x1) - 2].float().mean() > 200  # the object is there
     perfect = [{"image_id": 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9}]
     assert coco_metrics(dataset.coco, perfect, [1], [1], ["thing"])["mAP"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ augmentation randomness (issue #24 item 7)
+
+def seeded_epochs(dataset, num_workers, count, first_epoch=None):
+    """`count` passes of a fresh shuffled loader (seed 7): per batch its pixels and image ids. `first_epoch`
+    starts it there, as a resumed run does; None lets each pass be the next epoch."""
+    loader = build_dataloader(dataset, batch_size=3, shuffle=True, num_workers=num_workers, seed=7)
+    passes = []
+    for offset in range(count):
+        if first_epoch is not None:
+            loader.sampler.set_epoch(first_epoch + offset)
+        passes.append([(images.clone(), [t["image_id"] for t in targets]) for images, targets in loader])
+    return passes
+
+
+def assert_same_batches(passes, reference):
+    assert len(passes) == len(reference)
+    for batches, expected in zip(passes, reference):
+        assert [ids for _, ids in batches] == [ids for _, ids in expected]
+        for (images, _), (expected_images, _) in zip(batches, expected):
+            assert torch.equal(images, expected_images)
+
+
+def test_augmented_batches_depend_on_seed_epoch_and_index_only(shapes_dataset):
+    """The same pixels with 0, 1 or 2 workers and from a fresh loader started at a later epoch (a resume), while
+    loading with workers=0 leaves the main process's random streams where they were."""
+    dataset = CocoDetectionDataset(shapes_dataset["ann_path"], shapes_dataset["image_dir"],
+                                   transforms=build_transforms("strong", 64))
+    states = torch.get_rng_state(), np.random.get_state()[1].copy()
+    reference = seeded_epochs(dataset, 0, 2)
+    assert torch.equal(torch.get_rng_state(), states[0]) and np.array_equal(np.random.get_state()[1], states[1])
+    assert not torch.equal(reference[0][0][0], reference[1][0][0])  # each pass is a new epoch
+    for num_workers in (1, 2):
+        assert_same_batches(seeded_epochs(dataset, num_workers, 2), reference)
+    assert_same_batches(seeded_epochs(dataset, 2, 1, first_epoch=1), reference[1:])
+    assert_same_batches(seeded_epochs(dataset, 0, 2, first_epoch=0), reference)
+
+
+def test_seeded_sampler_keeps_a_distributed_samplers_order_and_gives_it_the_epoch(shapes_dataset):
+    import distributed
+    dataset = CocoDetectionDataset(shapes_dataset["ann_path"], shapes_dataset["image_dir"])
+    shard = distributed.train_sampler(dataset, seed=0, num_replicas=2, rank=1)
+    sampler = dataset_coco.SeededSampler(len(dataset), seed=3, sampler=shard)
+    sampler.set_epoch(4)
+    keys = list(sampler)
+    reference = distributed.train_sampler(dataset, seed=0, num_replicas=2, rank=1)
+    reference.set_epoch(4)
+    assert [index for index, _ in keys] == list(reference) and len(sampler) == len(reference)
+    assert len({seed for _, seed in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("kind", ["voc", "yolo"])
+def test_an_unreadable_image_without_a_size_is_skipped_within_the_bad_share(tmp_path, caplog, kind):
+    """VOC XML without <size> and YOLO labels (normalised) leave the size to the image: one that cannot be read is
+    dropped like a missing one, up to max_missing_fraction, instead of ending the whole set."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annots" if kind == "voc" else tmp_path / "labels").mkdir()
+    for i in range(20):
+        _save(tmp_path / "images" / f"{i:02d}.png", size=(16, 12))
+        if kind == "voc":
+            (tmp_path / "annots" / f"{i:02d}.xml").write_text(
+                f"<annotation><filename>{i:02d}.png</filename><object><name>x</name><bndbox><xmin>2</xmin>"
+                f"<ymin>2</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+        else:
+            (tmp_path / "labels" / f"{i:02d}.txt").write_text("0 0.5 0.5 0.5 0.5")
+    (tmp_path / "classes.txt").write_text("x")
+    (tmp_path / "images" / "07.png").write_text("this is not an image")
+    ann = str(tmp_path / ("annots" if kind == "voc" else "labels"))
+    with caplog.at_level(logging.WARNING, logger="dataset_coco"):
+        dataset = CocoDetectionDataset(ann, max_missing_fraction=0.05)
+    assert len(dataset) == 19 and dataset.stats["images_unreadable"] == 1 and dataset.stats["boxes_kept"] == 19
+    assert "07.png" in caplog.text and "cannot be read" in caplog.text
+    with pytest.raises(ValueError, match=r"1/20 images of .* cannot be read and it gives no width/height .*07\.png"):
+        CocoDetectionDataset(ann, max_missing_fraction=0.0)

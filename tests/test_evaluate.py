@@ -2,16 +2,21 @@
 
 A hand-built COCO set (4 images, classes cat=7, dog=3, bird=11 in that label order, a missed cat,
 false positives, a crowd dog region, one empty image) is scored with hand-counted expectations.
-The model and dataset are small fakes, so these tests do not need model_lightweight or dataset_coco.
+The model and dataset are small fakes, so most tests do not need model_lightweight or dataset_coco; those of
+issue #24 score real datasets (the ground truth is the dataset's cleaned boxes) and a real model.
 """
 
 import contextlib
 import copy
 import io
+import json
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -211,7 +216,7 @@ def test_best_f1_threshold_is_the_best_score_cut():
     metrics = _metrics(HAND_DETECTIONS)
     # cuts: 0.95 -> 2/6, 0.9 -> 4/7, 0.8 -> 6/8, 0.7 -> 8/9, 0.6 -> 8/10, 0.55 -> 8/11, 0.3 -> 8/12
     assert metrics["best_f1"] == pytest.approx(8 / 9)
-    assert metrics["best_f1_threshold"] == pytest.approx(0.7)
+    assert metrics["best_f1_threshold"] == pytest.approx(0.65)  # midway between the kept 0.7 and the next, 0.6
     f1_at = {d["score"]: _metrics(HAND_DETECTIONS, conf_threshold=d["score"])["f1"] for d in HAND_DETECTIONS}
     assert max(f1_at.values()) == pytest.approx(metrics["best_f1"])
     assert f1_at[0.7] == pytest.approx(metrics["best_f1"])
@@ -365,3 +370,184 @@ def test_a_coco_file_without_iscrowd_or_area_is_scored(tmp_path):
     perfect = [_det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in data["annotations"]]
     metrics = evaluate.coco_metrics(coco, perfect, IMAGE_IDS, CATEGORY_IDS, CLASS_NAMES)
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["recall"] == 1.0
+
+
+# ---- issue #24: the ground truth is the dataset's cleaned boxes; the threshold sits between two scores --------
+
+class SizeKeyedDetector(FakeDetector):
+    """model.predict stand-in for real (uniform grey) images: fixed xyxy predictions per image (H, W)."""
+
+    def predict(self, images, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+        results = []
+        for image in images:
+            kept = [p for p in self.predictions.get(tuple(image.shape[-2:]), []) if p[1] >= conf_threshold]
+            results.append({"boxes": torch.tensor([p[0] for p in kept], dtype=torch.float32).reshape(-1, 4),
+                            "scores": torch.tensor([p[1] for p in kept], dtype=torch.float32),
+                            "labels": torch.tensor([p[2] for p in kept], dtype=torch.int64)})
+        return results
+
+
+def _dataset_with(make_coco, extra_box):
+    """Images of 64x48 and 80x60 px, one plain cat each, `extra_box` (xywh) in the second; category id 5."""
+    from dataset_coco import CocoDetectionDataset
+    ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60)],
+                                     [(1, 5, [4, 4, 20, 20]), (2, 5, [10, 10, 20, 20]), (2, 5, extra_box)])
+    return CocoDetectionDataset(ann_path, image_root, transforms=None)
+
+
+def _as_trained_predictions(dataset):
+    """Perfect predictions of what the model trained on: the dataset's own boxes, keyed by image (H, W)."""
+    return {dataset.image_size(index): [(box, 0.9, int(label)) for box, label
+                                        in zip(*(t.tolist() for t in dataset.get_annotations(index)))]
+            for index in range(len(dataset))}
+
+
+def test_a_box_the_dataset_dropped_is_not_scored_as_a_miss(make_coco):
+    """Issue #24 item 4: a box wholly outside the image is dropped from training, so it is no miss either."""
+    dataset = _dataset_with(make_coco, [100, 10, 10, 10])  # x 100..110 in an 80 px wide image
+    assert dataset.stats["boxes_dropped"] == 1
+    metrics = evaluate.evaluate(SizeKeyedDetector(_as_trained_predictions(dataset), 1), dataset, num_workers=0)
+    assert metrics["mAP50"] == pytest.approx(1.0) and metrics["mAP"] == pytest.approx(1.0)
+    assert metrics["recall"] == 1.0 and metrics["precision"] == 1.0
+
+
+def test_a_box_half_outside_is_scored_clipped_as_trained(make_coco):
+    """Issue #24 item 4: a box trained clipped to the image and predicted there is a match (unclipped, IoU 0.4)."""
+    dataset = _dataset_with(make_coco, [60, 10, 50, 20])  # x 60..110, clipped to 60..80
+    assert dataset.stats["boxes_clipped"] == 1
+    metrics = evaluate.evaluate(SizeKeyedDetector(_as_trained_predictions(dataset), 1), dataset, num_workers=0)
+    assert metrics["mAP50"] == pytest.approx(1.0) and metrics["mAP"] == pytest.approx(1.0)
+    assert metrics["recall"] == 1.0
+
+
+def test_ground_truth_coco_holds_the_cleaned_boxes_crowds_and_areas(make_coco, tmp_path, caplog):
+    """Kept boxes as the dataset holds them (clipped, EXIF-turned), crowd regions kept for COCOeval to ignore,
+    other classes and dropped boxes out, the file's area scaled where clipped, ids from 1; the drops logged."""
+    from dataset_coco import CocoDetectionDataset
+    ann_path, image_root = make_coco(
+        [(5, "cat"), (9, "dog")], [(1, "a.jpg", 64, 48), (2, "rot.jpg", 60, 40)],
+        [(1, 5, [4, 4, 20, 20]), (1, 5, [50, 10, 30, 10]), (1, 5, [1, 2, 3]), (1, 5, [70, 0, 5, 5]),
+         (1, 5, [0, 20, 64, 28], 1), (1, 9, [30, 30, 10, 10]), (2, 5, [10, 5, 20, 10])])
+    data = json.loads(open(ann_path).read())
+    data["annotations"][1]["area"] = 150.0  # a mask's area, smaller than the box's 300
+    open(ann_path, "w").write(json.dumps(data))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60x40 as annotated, displayed 40 wide and 60 high
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(os.path.join(image_root, "rot.jpg"), exif=exif)
+    dataset = CocoDetectionDataset(ann_path, image_root, classes=["cat"], transforms=None)
+    with caplog.at_level("INFO", logger="evaluate"):
+        coco_gt = evaluate.ground_truth_coco(dataset)
+    assert "1 of 6 clipped to the image, 2 dropped (1 under 1 px or outside the image, 1 malformed" in caplog.text
+    assert sorted(coco_gt.getCatIds()) == [5] and sorted(coco_gt.anns) == [1, 2, 3, 4]
+    assert coco_gt.imgs[2]["width"] == 40 and coco_gt.imgs[2]["height"] == 60
+    plain = [(a["image_id"], a["bbox"], a["area"]) for a in coco_gt.anns.values() if not a["iscrowd"]]
+    assert plain == [(1, [4.0, 4.0, 20.0, 20.0], 400), (1, [50.0, 10.0, 14.0, 10.0], pytest.approx(150 * 14 / 30)),
+                     (2, [25.0, 10.0, 10.0, 20.0], 200)]
+    for index in range(len(dataset)):  # exactly the boxes training sees
+        boxes = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in dataset.get_annotations(index)[0].tolist()]
+        assert boxes == [a["bbox"] for a in coco_gt.imgToAnns[dataset.image_ids[index]] if not a["iscrowd"]]
+    (crowd,) = [a for a in coco_gt.anns.values() if a["iscrowd"]]
+    assert crowd["bbox"] == [0.0, 20.0, 64.0, 28.0] and crowd["category_id"] == 5
+
+
+def test_evaluate_cli_scores_a_file_with_a_malformed_bbox(make_coco, tmp_path, caplog):
+    """Issue #24 item 4: a 3-number bbox the dataset dropped with a warning used to crash COCOeval."""
+    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60)],
+                                     [(1, 5, [4, 4, 20, 20]), (2, 5, [10, 10, 20]), (2, 5, [30, 20, 30, 30])])
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "model.pth")
+    save_checkpoint(model_checkpoint(create_lightweight_model(1, "nano", img_size=64), ["cat"]), checkpoint)
+    metrics = evaluate.main(["--checkpoint", checkpoint, "--ann", ann_path, "--root", image_root, "--device", "cpu"])
+    assert metrics["num_detections"] > 0 and 0.0 <= metrics["mAP"] <= 1.0
+    assert "dropped 1" in caplog.text
+
+
+def test_best_f1_threshold_lies_between_the_kept_score_and_the_next():
+    """Issue #24 item 5: the stored threshold keeps the best-F1 detections with a margin on both sides, so a score
+    that moves by an ulp on another backend or batch size neither drops out nor slips in."""
+    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.3])
+    is_tp = np.array([True, True, True, False, False])
+    best = evaluate._best_f1(scores, is_tp, ~is_tp, num_gt=3)
+    assert best["best_f1"] == 1.0 and best["best_f1_threshold"] == pytest.approx(0.75)
+    for kept_score in (0.8, np.nextafter(np.float32(0.8), np.float32(0))):  # an ulp lower still passes
+        assert kept_score >= best["best_f1_threshold"]
+    assert np.nextafter(np.float32(0.7), np.float32(1)) < best["best_f1_threshold"]  # an ulp higher still fails
+
+    lowest = evaluate._best_f1(scores, np.ones(5, bool), np.zeros(5, bool), num_gt=5)  # every detection kept
+    assert 0.3 * 0.99 < lowest["best_f1_threshold"] < np.nextafter(np.float32(0.3), np.float32(0))
+
+
+def test_the_calibrated_threshold_gives_the_same_detections_on_batch_1_batch_8_and_onnx(tmp_path):
+    """Issue #24 items 5 and 6: at the threshold fine-tuning stores, the loaded checkpoint (one image per call and
+    eight) and its ONNX export keep exactly the val detections the best F1 counted; the sidecar is strict JSON."""
+    from dataset_coco import CocoDetectionDataset, load_image
+    import export
+    from model_lightweight import create_lightweight_model, load_model, model_checkpoint, save_checkpoint
+    from ort_detector import OrtDetector
+    from runs import calibrated_threshold
+    from synthetic_data import write_shapes_split
+    write_shapes_split(tmp_path / "images", tmp_path / "shapes.json", 8, ["square", "circle"], img_size=96, seed=0)
+    paths = sorted(str(p) for p in (tmp_path / "images").iterdir())
+    torch.manual_seed(0)
+    model = create_lightweight_model(2, "nano", img_size=64).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # spread scores: the focal-prior init scores every box about 0.01
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        model.head.cls_pred.weight.normal_(0.0, 0.3, generator=generator)
+        model.head.cls_pred.bias.zero_()
+    images = [load_image(path) for path in paths]
+    # The model's own two best boxes per image are the ground truth: true positives are certain, and the best
+    # F1 cuts right at a true positive's score, the case an ulp breaks.
+    data = json.loads((tmp_path / "shapes.json").read_text())
+    data["annotations"] = []
+    for image, result in zip(data["images"], model.predict(images, conf_threshold=0.001)):
+        for box, label in zip(result["boxes"][:2].tolist(), result["labels"][:2].tolist()):
+            data["annotations"].append({"id": len(data["annotations"]) + 1, "image_id": image["id"],
+                                        "category_id": data["categories"][label]["id"], "iscrowd": 0,
+                                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                        "area": (box[2] - box[0]) * (box[3] - box[1])})
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    assert [os.path.basename(p) for p in paths] == [os.path.basename(i["file_name"]) for i in data["images"]]
+    val = CocoDetectionDataset(str(tmp_path / "val.json"), str(tmp_path / "images"), transforms=None)
+    metrics = evaluate.evaluate(model, val, batch_size=8, num_workers=0)
+    threshold = calibrated_threshold(metrics)
+    assert metrics["best_f1"] > 0 and threshold == metrics["best_f1_threshold"]
+    num_gt = len(data["annotations"])
+    true_positives = round(metrics["best_f1_recall"] * num_gt)
+    kept_on_val = round(true_positives / metrics["best_f1_precision"])
+    assert 0 < kept_on_val < metrics["num_detections"]
+
+    checkpoint = str(tmp_path / "best_model.pth")
+    save_checkpoint(model_checkpoint(model, ["square", "circle"], conf_threshold=threshold), checkpoint)
+    export.main(["--checkpoint", checkpoint, "--output", str(tmp_path / "best_model.onnx"), "--dynamic-batch",
+                 "--runs", "1", "--warmup", "0"])
+    sidecar = json.loads((tmp_path / "best_model.json").read_text(), parse_constant=_refuse)
+    assert sidecar["postprocess"]["calibrated_conf_threshold"] == threshold
+    loaded = load_model(checkpoint)
+    counts = {"batch 1": sum(len(loaded.predict([image])[0]["scores"]) for image in images),
+              "batch 8": sum(len(result["scores"]) for result in loaded.predict(images)),
+              "onnxruntime": sum(len(result["scores"]) for result in OrtDetector(tmp_path / "best_model.onnx",
+                                                                                threads=1).predict(images))}
+    assert counts == dict.fromkeys(counts, kept_on_val), (counts, kept_on_val)
+
+
+def _refuse(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_predict_ann_scores_against_the_boxes_as_trained(make_coco):
+    """Issue #24 item 4 in predict.py --ann: the ground truth of the matched images is the dataset's cleaned boxes
+    (one dropped outside the image, one clipped, a malformed one dropped), with the file's image ids."""
+    import predict
+    ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60), (3, "c.jpg", 32, 32)],
+                                     [(1, 5, [4, 4, 20, 20]), (1, 5, [100, 10, 10, 10]), (2, 5, [60, 10, 50, 20]),
+                                      (2, 5, [1, 2, 3]), (3, 5, [1, 1, 8, 8])])
+    paths = [os.path.join(image_root, name) for name in ("b.jpg", "a.jpg")]  # c.jpg is not predicted
+    coco_gt, category_ids, image_ids = predict.coco_ids(ann_path, paths, ["Cat"])
+    assert category_ids == [5] and image_ids == [2, 1]
+    assert sorted((a["image_id"], a["bbox"]) for a in coco_gt.anns.values()) == [(1, [4.0, 4.0, 20.0, 20.0]),
+                                                                                 (2, [60.0, 10.0, 20.0, 20.0])]

@@ -15,6 +15,7 @@ import pretrain_multi_class as pretrain
 import runs
 from test_engine import NaNLoss
 from conftest import ENV, FAST_PRETRAIN, REPO, exits_with_one_line, loss_curve, read_rows, write_json
+from model_lightweight import create_lightweight_model
 from synthetic_data import write_coco_layout
 
 
@@ -79,8 +80,11 @@ def long_coco(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_uninterrupted_run(long_coco, tmp_path):
-    args = ["--coco-root", long_coco, "--epochs", "3", *FAST_PRETRAIN, "--seed", "5"]
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_kill_9_then_resume_equals_uninterrupted_run(long_coco, tmp_path, workers):
+    """Bit for bit, with loader workers too: their augmentations follow (seed, epoch, image), not the random state
+    a worker carried from earlier epochs, which no checkpoint holds (issue #24)."""
+    args = ["--coco-root", long_coco, "--epochs", "3", *FAST_PRETRAIN, "--seed", "5", "--workers", workers]
     straight = pretrain_process(*args, "--output-dir", str(tmp_path / "straight"))
     killed = pretrain_process(*args, "--output-dir", str(tmp_path / "killed"))
     killed_dir = tmp_path / "killed"
@@ -98,8 +102,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(long_coco, tmp_path):
     with open(run_dir / "metrics.csv", "a", newline="") as f:
         csv.DictWriter(f, fieldnames=list(rows[0])).writerow({**rows[0], "epoch": "2", "loss": "999"})
     resumed = subprocess.run([sys.executable, "pretrain_multi_class.py", "--resume", str(run_dir), "--device", "cpu",
-                              "--workers", "0", "--no-progress"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                             timeout=300)
+                              "--workers", workers, "--no-progress"], cwd=REPO, env=ENV, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at epoch 2" in resumed.stderr
     assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
@@ -139,3 +143,85 @@ def test_ctrl_c_exits_130_with_resume_command(long_coco, tmp_path):
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [int(row["epoch"]) for row in read_rows(run_dir)] == list(range(1, done + 2))
+
+
+def test_a_crash_between_the_epoch_writes_never_leaves_last_ahead_of_best(tmp_path, monkeypatch):
+    """Issue #24 item 8: save_epoch killed after each of its writes in a new best epoch. Whatever survives, the
+    best (and best backbone) files are at least as new as the best epoch `last` records, so a resume never calls a
+    run finished with an older best model."""
+    model = create_lightweight_model(2, "nano", img_size=64)
+    state = engine.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=engine.build_ema(model))
+    stage = {"index": 1, "name": "pretrain"}
+    real_save = runs.save_checkpoint
+
+    def best_epoch(run, epoch):
+        run.best_map = epoch / 10
+        run.summary.update(best_epoch=epoch, best_metrics={"mAP": run.best_map}, conf_threshold=0.3)
+        runs.save_epoch(run, state, stage, epoch, {"mAP": run.best_map}, is_best=True)
+
+    class Killed(Exception):
+        pass
+
+    writes, crash = [], {"after": None}
+
+    def crashing_save(payload, path):
+        if len(writes) == crash["after"]:
+            raise Killed(path)
+        real_save(payload, path)
+        writes.append(path)
+
+    monkeypatch.setattr(runs, "save_checkpoint", crashing_save)
+    for crash_after in range(6):
+        run = runs.Run(str(tmp_path / str(crash_after)), {"save_interval": 1}, ["a", "b"], pretrain.LAYOUT, "pretrain")
+        crash["after"] = None
+        best_epoch(run, 1)
+        writes.clear()
+        crash["after"] = crash_after
+        try:
+            best_epoch(run, 2)
+        except Killed:
+            pass
+        last = torch.load(run.path("last"), weights_only=True)
+        recorded = last["summary"]["best_epoch"]
+        assert last["best_map"] == recorded / 10, writes
+        for kind in ("best", "best_backbone"):
+            assert torch.load(run.path(kind), weights_only=True)["epoch"] >= recorded, (kind, writes)
+    assert writes[-1] == run.path("last")  # the last crash point is after every write: epoch 2 complete
+
+
+def _strict_json(path):
+    """json.loads that refuses NaN and Infinity, as JavaScript's JSON.parse does."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=refuse)
+
+
+def test_write_json_atomic_writes_undefined_numbers_as_null(tmp_path):
+    """Issue #24 item 6: NaN and infinities, nested, in numpy scalars too, become null; numbers stay numbers."""
+    import numpy as np
+    from config import write_json_atomic
+    data = {"AP_small": float("nan"), "rows": [{"loss": float("inf"), "lr": np.float32(0.5)}, (np.float64("-inf"),)],
+            "epochs": np.int64(3), "ok": True, "name": "run"}
+    write_json_atomic(data, str(tmp_path / "x.json"))
+    written = _strict_json(tmp_path / "x.json")
+    assert written == {"AP_small": None, "rows": [{"loss": None, "lr": 0.5}, [None]], "epochs": 3, "ok": True,
+                       "name": "run"}
+    assert written["ok"] is True and type(written["epochs"]) is int  # booleans and integers keep their type
+
+
+def test_the_json_files_of_a_run_are_strict_json(fault_data, tmp_path):
+    """Issue #24 item 6: summary.json held `"AP_large": NaN` (no large box in 96 px images), which strict parsers
+    refuse; every JSON file of a tiny fine-tuning run parses strictly, with null for the undefined metrics."""
+    import finetune_single_class
+    from conftest import STAGES, finetune_args
+    config = write_json(tmp_path / "one_epoch.json", {**STAGES, "stage2_epochs": 0})
+    summary = finetune_single_class.main(finetune_args(fault_data, tmp_path / "runs", **{"--config": config}))
+    names = sorted(name for name in os.listdir(summary["run_dir"]) if name.endswith(".json"))
+    assert {"config.json", "summary.json"} <= set(names)
+    for name in names:
+        _strict_json(os.path.join(summary["run_dir"], name))
+    written = _strict_json(os.path.join(summary["run_dir"], "summary.json"))
+    assert written["best_metrics"]["AP_large"] is None and written["best_metrics"]["mAP"] is not None
