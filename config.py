@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import sys
+import sysconfig
 
 import torch
 
@@ -25,11 +26,30 @@ import distributed
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_transfer_learning.json")
+# Where `pip install .` puts the files that ship with the modules (pyproject.toml's data-files).
+DATA_FOLDER = os.path.join("share", "lightweight-detector-transfer")
+
+
+def shipped_file(*parts):
+    """A file that ships with the toolkit (the default config, the starter detector), by its path in the checkout.
+
+    Beside the modules in a checkout or an editable install. `pip install .` puts the modules in site-packages
+    and the files in DATA_FOLDER under the install's prefix (the venv, ~/.local, --prefix), or under the folder
+    itself with --target. A file found nowhere gets its checkout path, which the caller's error names."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    prefix = os.path.join(here, os.path.relpath(sysconfig.get_path("data"), sysconfig.get_path("purelib")))
+    for root in (here, os.path.join(prefix, DATA_FOLDER), os.path.join(here, DATA_FOLDER)):
+        path = os.path.normpath(os.path.join(root, *parts))
+        if os.path.exists(path):
+            return path
+    return os.path.join(here, *parts)
+
+
+DEFAULT_CONFIG_PATH = shipped_file("config_transfer_learning.json")
 AMP_DTYPES = ("bf16", "fp16")
 LR_SCALINGS = ("linear", "sqrt", "none")
 # Keys of an invocation rather than of a run: never in the file's sections, never taken from a resumed run.
-RUNTIME_DEFAULTS = {"config": None, "resume": None, "device": None, "progress": True}
+RUNTIME_DEFAULTS = {"config": None, "resume": None, "device": None, "progress": True, "name": None}
 
 
 class ConfigError(ValueError):
@@ -319,6 +339,8 @@ def add_run_flags(parser, defaults):
         return help_default(defaults, key, text)
     parser.add_argument("--workers", type=int, help=default("workers", "DataLoader workers (none: per CPU count)"))
     parser.add_argument("--output-dir", help=default("output_dir", "where run folders are created"))
+    parser.add_argument("--name", help="the run folder's name under --output-dir (default: a name and the start "
+                                       "time); a folder that already holds a run is refused, never overwritten")
     parser.add_argument("--resume", help="a run folder, or its last checkpoint: continue that run exactly")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--seed", type=int, help=default("seed", "seed of weights, data order and augmentation"))

@@ -6,8 +6,11 @@ against the boxes as the dataset cleaned them for training (`ground_truth_coco`)
 precision, recall and F1 are read from COCOeval's own per-image matches (IoU 0.5), not from a
 second matcher, so both sets of numbers agree on what counts as a true positive.
 
-Score a checkpoint on a COCO-format validation set:
+Score a fine-tuning run's best checkpoint (or its export, --checkpoint) on the images the run validated on, or a
+checkpoint on an annotated set:
 
+    python evaluate.py --run finetune_results/kangaroo_<stamp>
+    python evaluate.py --run RUN --checkpoint RUN/best_model_int8.onnx      # its INT8 export, on the same images
     python evaluate.py --checkpoint runs/finetune/best.pt --ann data/val.json --root data/images
     python evaluate.py --checkpoint best.pt --ann val.json --root images --class-name person --conf 0.4
     python evaluate.py --checkpoint best.pt --ann val.json --root images --save-json preds.json
@@ -156,7 +159,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
           score thresholds, a threshold giving it (midway between the last score it keeps and the next lower
           one) and P/R there (0.0 when no threshold gives a true positive);
         - "pr_curve": {"recall", "precision", "score"} lists, the precision-recall curve at IoU 0.5 pooled over
-          classes, one point per score threshold (at most PR_POINTS of them, evenly spaced in the ranking);
+          classes: every operating point, one per distinct detection score t (keeping 'score >= t'), scores
+          descending; "best_f1_threshold" lies just under the score of the best-F1 point;
         - "num_detections": len(detections).
         Values pycocotools cannot define (its -1: no ground truth for that class or area range)
         are nan; every class of `class_names` has a key. With no detections every defined value
@@ -311,19 +315,15 @@ def _threshold_below(scores, cut):
     return float(scores[cut]) * (1 - LOWEST_SCORE_MARGIN)
 
 
-PR_POINTS = 200  # points kept of the precision-recall curve (enough to draw it)
-
-
 def _pr_curve(scores, is_tp, is_fp, num_gt):
-    """Precision and recall of 'score >= t' for the detection scores t, thinned to PR_POINTS points."""
+    """Precision and recall of 'score >= t' for every distinct detection score t, high to low: the whole curve,
+    which runs.py writes to pr_curve.csv (a thinned one can miss the calibrated operating point)."""
     if not len(scores) or num_gt == 0:
         return {"recall": [], "precision": [], "score": []}
-    tp, fp = np.cumsum(is_tp), np.cumsum(is_fp)
-    keep = np.unique(np.linspace(0, len(scores) - 1, min(PR_POINTS, len(scores))).round().astype(int))
-    recall = tp[keep] / num_gt
-    precision = tp[keep] / np.maximum(tp[keep] + fp[keep], 1)
-    return {"recall": [round(float(v), 4) for v in recall], "precision": [round(float(v), 4) for v in precision],
-            "score": [round(float(v), 4) for v in scores[keep]]}
+    cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))  # the last of each run of equal scores
+    tp, fp = np.cumsum(is_tp)[cuts], np.cumsum(is_fp)[cuts]
+    return {"recall": (tp / num_gt).tolist(), "precision": (tp / np.maximum(tp + fp, 1)).tolist(),
+            "score": scores[cuts].tolist()}
 
 
 def _collate_lists(batch):
@@ -454,10 +454,12 @@ def format_metrics(metrics):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Score a detector on an annotated set (COCO mAP, P/R/F1).")
-    parser.add_argument("--checkpoint", required=True, help="best_model.pth written by training, or an exported "
-                                                            ".onnx (with its sidecar JSON)")
-    parser.add_argument("--ann", required=True, help="annotations: a COCO JSON, a Pascal VOC folder, a YOLO data.yaml "
-                                                     "or labels folder")
+    parser.add_argument("--checkpoint", help="best_model.pth written by training, or an exported .onnx (with its "
+                                             "sidecar JSON); with --run, default RUN/best_model.pth")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--ann", help="annotations: a COCO JSON, a Pascal VOC folder, a YOLO data.yaml or labels folder")
+    data.add_argument("--run", help="a fine-tuning run folder: score its own validation images, the val part of its "
+                                    "--train-ann (per RUN/split.json) or its --val-ann")
     parser.add_argument("--root", help="image folder of a COCO JSON (VOC and YOLO find theirs)")
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"),
                         help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, beside it); "
@@ -477,11 +479,72 @@ def get_args_parser():
 
 
 def _check_paths(parser, args):
-    for flag, path, exists in (("--checkpoint", args.checkpoint, os.path.isfile),
+    """Every path given exists; with --run, --checkpoint defaults to the run's best checkpoint."""
+    if args.run is not None:
+        if args.root is not None:
+            parser.error("--root goes with --ann; --run reads the image folders the run trained with")
+        from runs import best_checkpoint, is_run_dir  # lazy: runs imports this module
+        if os.path.isdir(args.run) and not is_run_dir(args.run):
+            parser.error(f"--run {args.run} is not a training run folder (no config.json naming its data)")
+        if args.checkpoint is None and os.path.isdir(args.run):
+            args.checkpoint = best_checkpoint(args.run)
+    elif args.checkpoint is None:
+        parser.error("--checkpoint is required with --ann (--run RUN_DIR defaults it to RUN/best_model.pth)")
+    for flag, path, exists in (("--run", args.run, os.path.isdir),
+                               ("--checkpoint", args.checkpoint, os.path.isfile),
                                ("--ann", args.ann, os.path.exists),
                                ("--root", args.root, os.path.isdir)):
         if path is not None and not exists(path):
             parser.error(f"{flag} not found: {path}")
+
+
+def _scored_dataset(args, class_names):
+    """The dataset to score and what it is in words: --ann, or the run's own validation part (--run), built from its
+    records by the loader its training used, so the images are exactly those it validated on."""
+    import dataset_coco  # lazy: only the CLI needs the dataset and run modules
+    if args.run is None:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
+            dataset = dataset_coco.CocoDetectionDataset(args.ann, args.root, classes=class_names, transforms=None)
+        return dataset, str(args.ann)
+    import runs
+    data = runs.run_data(args.run)
+    bad = {"max_missing_fraction": data["config"]["max_bad_image_fraction"]} \
+        if "max_bad_image_fraction" in data["config"] else {}
+    dataset = dataset_coco.CocoDetectionDataset(data["val"]["data"], data["val"]["root"], classes=class_names,
+                                                transforms=None, **bad)
+    return dataset, data["val"]["source"]
+
+
+def _run_record_error(path):
+    """The error for --ann naming a training run's folder or one of its records (split.json, config.json) rather than
+    annotations: score the run's held-out images with --run. None for any other path."""
+    import runs
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not runs.is_run_dir(folder):
+        return None
+    what = "a training run folder" if os.path.isdir(path) else f"a record of the training run {folder}"
+    return (f"--ann {path} is {what}, not annotations; score the images the run validated on with "
+            f"--run {folder}")
+
+
+def _warn_if_trained_on(args, dataset):
+    """--ann holding images that the checkpoint's own one-folder run trained on (its train_ann scores train and val
+    together) scores them too: say how many, and that --run scores the held-out part."""
+    import runs
+    run_dir = runs.checkpoint_run(args.checkpoint)
+    if run_dir is None or not os.path.isfile(os.path.join(run_dir, runs.SPLIT_FILE)):
+        return
+    try:
+        train = runs.run_data(run_dir)["train"]
+    except ValueError as error:  # the run's data moved or is read from another folder: nothing to compare
+        logger.debug("not compared with the run's training images: %s", error)
+        return
+    trained = {os.path.realpath(path) for path in train["images"]}
+    overlap = sum(os.path.realpath(path) in trained for path in dataset.image_paths)
+    if overlap:
+        logger.warning("%d of the %d images of --ann %s trained the checkpoint (%s), so these scores include "
+                       "its training images; evaluate.py --run %s scores only the images the run validated on",
+                       overlap, len(dataset.image_paths), args.ann, train["source"], run_dir)
 
 
 def _class_names(parser, args, model):
@@ -499,8 +562,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_paths(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import dataset_coco  # lazy: only the CLI needs the dataset and detector modules
-    from ort_detector import ModelLoadError, load_detector
+    from ort_detector import ModelLoadError, load_detector  # lazy: only the CLI needs the detector modules
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -511,11 +573,13 @@ def main(argv=None):
     if args.conf is None:
         args.conf = model.conf_threshold
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
-            dataset = dataset_coco.CocoDetectionDataset(args.ann, args.root, classes=class_names,
-                                                        transforms=None)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        dataset, source = _scored_dataset(args, class_names)
+    except (ValueError, FileNotFoundError) as error:  # one line and exit status 2
+        message = (args.ann is not None and _run_record_error(args.ann)) or str(error).splitlines()[0]
+        parser.exit(2, f"error: {message}\n")
+    print(f"{source}: {len(dataset.image_ids)} images")
+    if args.ann is not None:
+        _warn_if_trained_on(args, dataset)
     detections = collect_detections(model, dataset, args.device if args.backend != "onnxruntime" else "cpu", args.iou,
                                     batch_size=args.batch_size, num_workers=0)
     metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,

@@ -1,13 +1,17 @@
 """Export a trained detector to ONNX (and INT8), check it with ONNX Runtime, and write a JSON sidecar beside it.
 
     python export.py --checkpoint finetune_results/whiteline_*/best_model.pth
-    python export.py --checkpoint best_model.pth --int8 --calib-images data/train/images   # + best_model_int8.onnx
+    python export.py --checkpoint RUN/best_model.pth --int8     # + best_model_int8.onnx, calibrated on RUN's train part
+    python export.py --checkpoint best_model.pth --int8 --calib-images data/train/images
     python export.py --checkpoint best_model.pth --img-size 320 --dynamic-batch --output model.onnx
     python export.py --checkpoint best_model.pth --include-nms --conf 0.4 --check-image street.jpg
+    python export.py --checkpoint best_model.pth --static     # (1, 3, S, S), anchors constant: runs in OpenCV DNN
 
 The graph takes float32 (B, 3, H, W) RGB images in [0, 1], letterboxed to S: the longer side resized to S,
 padded right/bottom with 114/255 to the next multiple of 32 (H and W are dynamic: a 4:3 photo at 320 runs at
-256x320, as predict() runs it). The model's normalisation (model_config mean/std: ImageNet's, or 127/255 and
+256x320, as predict() runs it; with --static the input is (1, 3, S, S), every image padded to the square, and the
+anchor points are constants, for OpenCV's cv2.dnn and other runtimes without dynamic shapes; examples/ has a plain
+ONNX Runtime + numpy client). The model's normalisation (model_config mean/std: ImageNet's, or 127/255 and
 128/255 for lite0; recorded in the sidecar) is inside it. It returns
   boxes   (B, A, 4) xyxy in network-input pixels (divide by the letterbox ratio for original pixels)
   scores  (B, A, C) per-class sigmoid probabilities
@@ -16,7 +20,8 @@ or, with --include-nms, one output
               NonMaxSuppression op at the --conf/--iou/--max-det baked into the graph (--max-det is per class).
 BatchNorm is folded into the convolutions first (the head's shared conv becomes one conv per pyramid
 level, because each level has its own BatchNorm). --int8 also writes NAME_int8.onnx, statically quantised with
-ONNX Runtime's tools (quantize.py) on --calib-count images of --calib-images; the float model stays beside it.
+ONNX Runtime's tools (quantize.py) on --calib-count images of --calib-images (default, for a checkpoint in its
+fine-tuning run folder: the run's training images, per its split.json); the float model stays beside it.
 predict.py and evaluate.py run either with --backend onnxruntime (ort_detector.py), the sidecar supplying class
 names, input size and the calibrated score threshold. The classic TorchScript-based exporter
 (`dynamo=False`) is used: it needs no onnxscript and maps NMS to NonMaxSuppression through a symbolic.
@@ -26,6 +31,7 @@ import inspect
 import logging
 import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -81,18 +87,32 @@ class _MultiClassNMS(torch.autograd.Function):
 
 
 class ExportModel(nn.Module):
-    """Images (B, 3, S, S) in [0, 1] -> (boxes (B, A, 4) xyxy input pixels, scores (B, A, C) sigmoid),
-    or with include_nms -> detections (N, 7) [batch_index, x1, y1, x2, y2, score, class_index]."""
+    """Images (B, 3, H, W) in [0, 1] -> (boxes (B, A, 4) xyxy input pixels, scores (B, A, C) sigmoid),
+    or with include_nms -> detections (N, 7) [batch_index, x1, y1, x2, y2, score, class_index].
 
-    def __init__(self, model, include_nms=False, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
+    With `static_size` S the input is (1, 3, S, S) and the anchor points are a buffer, so the traced graph holds
+    them as a constant: OpenCV's DNN module cannot run the Range/Expand ops that build them from the input shape
+    (issue #26).
+    """
+
+    def __init__(self, model, include_nms=False, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+                 static_size=None):
         super().__init__()
         self.model = model
         self.include_nms = include_nms
         self.nms_args = (int(max_detections), float(iou_threshold), float(conf_threshold))
+        self.static = static_size is not None
+        if self.static:
+            training = model.training
+            with torch.no_grad():  # the model's own grid for this input: no second copy of its stride arithmetic
+                points = model.eval()(torch.zeros(1, 3, static_size, static_size))["points"]  # (A, 2)
+            model.train(training)
+            self.register_buffer("points", points, persistent=False)
 
     def forward(self, images):
         outputs = self.model(images)
-        boxes = decode_boxes(outputs["points"], outputs["box_ltrb"])  # (B, A, 4)
+        points = self.points if self.static else outputs["points"]  # the unused grid ops are dropped on export
+        boxes = decode_boxes(points, outputs["box_ltrb"])  # (B, A, 4)
         scores = outputs["cls_logits"].sigmoid()  # (B, A, C)
         if not self.include_nms:
             return boxes, scores
@@ -106,23 +126,29 @@ class ExportModel(nn.Module):
         return torch.cat([batch[:, None].float(), kept_boxes, kept_scores[:, None], cls[:, None].float()], 1)
 
 
-def output_spec(model, img_size, include_nms, dynamic_batch):
+def output_spec(model, img_size, include_nms, dynamic_batch, static=False):
     """Output names and shapes (strings for dynamic dimensions) of the exported graph."""
     batch = "batch" if dynamic_batch else 1
     num_anchors = "anchors (H/8 * W/8 + H/16 * W/16 + H/32 * W/32)"
+    if static:
+        num_anchors = sum((img_size // stride) ** 2 for stride in STRIDES)
     if include_nms:
         return {"detections": {"shape": ["num_detections", 7],
                                "columns": ["batch_index", "x1", "y1", "x2", "y2", "score", "class_index"],
                                "format": "xyxy, network-input pixels; class_index into class_names"}}
-    return {"boxes": {"shape": [batch, num_anchors, 4], "format": "xyxy, network-input pixels"},
+    return {"boxes": {"shape": [batch, num_anchors, 4],
+                      "format": "xyxy, pixels of the letterboxed input, not clipped: divide by the resize ratios, "
+                                "then clip to the original image (0..width, 0..height), as predict.py does"},
             "scores": {"shape": [batch, num_anchors, model.num_classes], "format": "per-class sigmoid"}}
 
 
-def export_onnx(module, path, img_size, output_names, opset, dynamic_batch):
-    """torch.onnx.export with the TorchScript-based exporter (dynamo=False), then onnx.checker."""
+def export_onnx(module, path, img_size, output_names, opset, dynamic_batch, static=False):
+    """torch.onnx.export with the TorchScript-based exporter (dynamo=False), then onnx.checker. With `static`, every
+    input and output dimension is fixed (batch 1, img_size x img_size)."""
     import onnx
-    dynamic_axes = {"images": {2: "height", 3: "width"}}
-    dynamic_axes.update({name: {1: "anchors"} for name in output_names if name != "detections"})
+    dynamic_axes = {} if static else {"images": {2: "height", 3: "width"}}
+    if not static:
+        dynamic_axes.update({name: {1: "anchors"} for name in output_names if name != "detections"})
     if dynamic_batch:
         dynamic_axes["images"][0] = "batch"
         for name in output_names:
@@ -187,17 +213,18 @@ def within_tolerance(diffs, img_size, tolerance=CHECK_TOLERANCE):
     return all(diff <= tolerance * (img_size if _is_box(name) else 1) for name, diff in diffs.items())
 
 
-def check_inputs(img_size, dynamic_batch, check_image=None, seed=0):
-    """{description: float (B, 3, H, W) in [0, 1]}: a square and a wide random batch, and the letterboxed check
-    image."""
+def check_inputs(img_size, dynamic_batch, check_image=None, seed=0, static=False):
+    """{description: float (B, 3, H, W) in [0, 1]}: a square and (unless `static`) a wide random batch, and the
+    letterboxed check image (square with `static`, the graph's only input shape)."""
     generator = torch.Generator().manual_seed(seed)
     rect = max(max(STRIDES), img_size * 3 // 4 // max(STRIDES) * max(STRIDES))
-    inputs = {f"random {img_size}x{img_size}": torch.rand(1, 3, img_size, img_size, generator=generator),
-              f"random {rect}x{img_size}": torch.rand(1, 3, rect, img_size, generator=generator)}
+    inputs = {f"random {img_size}x{img_size}": torch.rand(1, 3, img_size, img_size, generator=generator)}
+    if not static:
+        inputs[f"random {rect}x{img_size}"] = torch.rand(1, 3, rect, img_size, generator=generator)
     if dynamic_batch:
         inputs["random batch 2"] = torch.rand(2, 3, img_size, img_size, generator=generator)
     if check_image is not None:
-        image, _ = letterbox(load_image(check_image), img_size, rect=True)
+        image, _ = letterbox(load_image(check_image), img_size, rect=not static)
         inputs[f"letterboxed {os.path.basename(check_image)}"] = image[None]
     return inputs
 
@@ -231,15 +258,24 @@ def measure_latency(modules, sessions, img_size, runs, warmup):
 def sidecar(model, args, onnx_path, outputs):
     """Everything a deployment needs besides the .onnx file: classes, input contract, outputs, opset."""
     config = model.model_config
+    size = args.img_size
+    pad = (f"right and bottom, to {size}x{size} (the static input)" if args.static else
+           f"right and bottom, to the next multiple of {max(STRIDES)} (height and width are dynamic; any multiple "
+           f"of {max(STRIDES)} runs)")
     return {
         "format": "onnx", "model_file": os.path.basename(onnx_path), "opset": args.opset,
         "model_size": model.model_size, "num_classes": model.num_classes, "class_names": list(model.class_names),
         "input": {
-            "name": "images", "shape": ["batch" if args.dynamic_batch else 1, 3, "height", "width"],
+            "name": "images", "static": args.static,
+            "shape": [1, 3, size, size] if args.static
+            else ["batch" if args.dynamic_batch else 1, 3, "height", "width"],
             "dtype": "float32", "layout": "NCHW", "color": "RGB", "value_range": [0.0, 1.0],
-            "letterbox": {"size": args.img_size, "resize": "longer side to size, aspect kept, bilinear antialias",
-                          "pad": f"right and bottom, to the next multiple of {max(STRIDES)} (height and width "
-                                 f"are dynamic; any multiple of {max(STRIDES)} runs)", "pad_value": LETTERBOX_FILL / 255,
+            # model_lightweight.letterbox's rounding: a client that rounds otherwise is off by a pixel row.
+            "letterbox": {"size": size,
+                          "resize": "longer side to size, aspect kept: scale = size / max(height, width), new_height "
+                                    "= round(height * scale), new_width = round(width * scale) (round half to even, "
+                                    "as Python's round), bilinear with antialias (PIL's BILINEAR) on 8-bit RGB",
+                          "pad": pad, "pad_value": LETTERBOX_FILL / 255,
                           "pad_value_uint8": LETTERBOX_FILL,
                           "to_original_pixels": "divide x by new_width / width and y by new_height / height"},
             "normalization": {"mean": list(config["mean"]), "std": list(config["std"]),
@@ -248,6 +284,8 @@ def sidecar(model, args, onnx_path, outputs):
         "postprocess": {"calibrated_conf_threshold": model.conf_threshold,
                         "conf_threshold": args.conf, "iou_threshold": args.iou, "max_detections": args.max_det,
                         "max_detections_per": "image and class" if args.include_nms else "image",
+                        "clip": "boxes mapped to original pixels are clipped to the image: x to [0, width], y to "
+                                "[0, height]",
                         "nms": "in graph (ONNX NonMaxSuppression, per class)" if args.include_nms
                         else "not in graph: class-aware NMS over boxes/scores (torchvision.ops.batched_nms)"},
         "batchnorm_fused": True, "torch_version": torch.__version__,
@@ -263,10 +301,16 @@ def get_args_parser():
                         help="letterbox size (the longer side), a multiple of 32 (default: the checkpoint's img_size)")
     parser.add_argument("--int8", action="store_true", help="also write NAME_int8.onnx, statically quantised")
     parser.add_argument("--calib-images", help="with --int8: a folder of images or annotations (any format) whose "
-                                               "images calibrate the quantisation (training images)")
+                                               "images calibrate the quantisation (training images; never the "
+                                               "images the checkpoint's run validated on). Default for a checkpoint "
+                                               "in its fine-tuning run folder: the run's training images (the train "
+                                               "part of its --train-ann per RUN/split.json)")
     parser.add_argument("--calib-root", help="with --int8 and a COCO JSON as --calib-images: its images folder")
     parser.add_argument("--calib-count", type=int, default=100, help="with --int8: images used to calibrate")
     parser.add_argument("--dynamic-batch", action="store_true", help="batch dimension dynamic (default: 1)")
+    parser.add_argument("--static", action="store_true",
+                        help="fixed input (1, 3, S, S), S = --img-size, square letterbox, anchors as constants: "
+                             "for runtimes without dynamic shapes, such as OpenCV's DNN module")
     parser.add_argument("--include-nms", action="store_true", help="NMS inside the graph; output detections (N, 7)")
     parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the in-graph NMS")
     parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of the in-graph NMS")
@@ -278,6 +322,8 @@ def get_args_parser():
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs before the latency measurement")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch and ONNX Runtime alike (default: torch.get_num_threads())")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print ONNX Runtime's INFO lines (the INT8 quantiser's, one per tensor)")
     return parser
 
 
@@ -297,9 +343,14 @@ def _load(args):
     if args.check_image is not None and not os.path.isfile(args.check_image):
         raise FileNotFoundError(f"--check-image not found: {args.check_image}")
     if args.int8 and not args.calib_images:
-        raise ValueError("--int8 needs --calib-images: a folder of training images, or their annotations")
+        import runs  # lazy, as in _calibration_paths
+        if runs.checkpoint_run(args.checkpoint) is None:
+            raise ValueError("--int8 needs --calib-images (a folder of training images, or their annotations) for a "
+                             "checkpoint outside its fine-tuning run folder")
     if args.int8 and args.include_nms:
         raise ValueError("--int8 quantises the boxes/scores graph: drop --include-nms")
+    if args.static and args.dynamic_batch:
+        raise ValueError("--static fixes the batch at 1: drop --dynamic-batch")
     if args.calib_count < 1:
         raise ValueError(f"--calib-count must be >= 1, got {args.calib_count}")
     return model
@@ -314,13 +365,14 @@ def main(argv=None):
     model = _load(args)
     onnx_path = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
     nms_args = dict(include_nms=args.include_nms, conf_threshold=args.conf, iou_threshold=args.iou,
-                    max_detections=args.max_det)
+                    max_detections=args.max_det, static_size=args.img_size if args.static else None)
     reference = ExportModel(model, **nms_args).eval()
     exported = ExportModel(fuse_batchnorm(model), **nms_args).eval()
-    outputs = output_spec(model, args.img_size, args.include_nms, args.dynamic_batch)
+    outputs = output_spec(model, args.img_size, args.include_nms, args.dynamic_batch, args.static)
 
-    export_onnx(exported, onnx_path, args.img_size, outputs, args.opset, args.dynamic_batch)
-    print(f"exported {onnx_path} (opset {args.opset}, letterbox {args.img_size}, height and width dynamic, "
+    export_onnx(exported, onnx_path, args.img_size, outputs, args.opset, args.dynamic_batch, args.static)
+    print(f"exported {onnx_path} (opset {args.opset}, letterbox {args.img_size}, "
+          f"{'static input' if args.static else 'height and width dynamic'}, "
           f"batch {'dynamic' if args.dynamic_batch else 1}, outputs {', '.join(outputs)})")
     import onnxruntime
     from ort_detector import session_options
@@ -351,7 +403,8 @@ def main(argv=None):
 def check_session(session, reference, exported, outputs, args):
     """Compare ONNX Runtime with PyTorch (and the fused with the unfused model) on the check inputs."""
     checks, passed = {}, True
-    for description, images in check_inputs(args.img_size, args.dynamic_batch, args.check_image).items():
+    for description, images in check_inputs(args.img_size, args.dynamic_batch, args.check_image,
+                                             static=args.static).items():
         expected = run_pytorch(reference, images)
         diffs = max_abs_diffs(expected, session.run(list(outputs), {"images": images.numpy()}), outputs)
         fused_diff = max_abs_diffs(expected, run_pytorch(exported, images), outputs)
@@ -364,17 +417,55 @@ def check_session(session, reference, exported, outputs, args):
 
 def write_int8(model, args, onnx_path, outputs):
     """NAME_int8.onnx beside the float model, and its sidecar (the float one's, plus the quantisation)."""
-    from quantize import calibration_images, quantize_int8
+    from quantize import quantize_int8
     int8_path = os.path.splitext(onnx_path)[0] + "_int8.onnx"
-    images = calibration_images(args.calib_images, args.calib_count, args.calib_root)
-    quantization = quantize_int8(onnx_path, int8_path, images, args.img_size)
-    quantization["calibration"]["source"] = args.calib_images
+    images, source = _calibration_paths(args)
+    quantization = quantize_int8(onnx_path, int8_path, images, args.img_size, rect=not args.static,
+                                 verbose=args.verbose)
+    quantization["calibration"].update(source=source, files=images)
     write_json_atomic({**sidecar(model, args, int8_path, outputs), "quantization": quantization,
                        "float_model": os.path.basename(onnx_path)}, sidecar_path(int8_path))
     print(f"quantised {int8_path} (QDQ, 7-bit int8 weights per channel, calibrated on "
-          f"{quantization['calibration']['images']} images of {args.calib_images}); the float model stays at "
+          f"{quantization['calibration']['images']} images: {source}); the float model stays at "
           f"{onnx_path}")
     return {"int8_path": int8_path, "int8_sidecar_path": sidecar_path(int8_path), "quantization": quantization}
+
+
+def _calibration_paths(args):
+    """The INT8 calibration images, never those the checkpoint's run validated on (issue #26). Without
+    --calib-images, a checkpoint in its run folder calibrates on the run's training images (the train part of its
+    one-folder --train-ann per split.json, or all of it beside a separate val set); --calib-images loses the images
+    a one-folder run held out that it holds (its --train-ann, the image folder), with a line that says so. At most
+    --calib-count of them, spread evenly over the sorted paths.
+
+    Returns:
+        (image paths, what they are in words: the sidecar's calibration source).
+    """
+    import runs  # lazy: only --int8 reads the run's records
+    from quantize import calibration_images
+    run_dir, data = runs.checkpoint_run(args.checkpoint), None
+    if run_dir is not None and (not args.calib_images or os.path.isfile(os.path.join(run_dir, runs.SPLIT_FILE))):
+        try:
+            data = runs.run_data(run_dir)
+        except ValueError as error:
+            if not args.calib_images:
+                raise ValueError(f"--int8 without --calib-images calibrates on the training images of the "
+                                 f"checkpoint's run, but {error}; pass --calib-images") from None
+            logger.warning("%s; calibrating on all of --calib-images, which may hold images it validated on", error)
+    if not args.calib_images:
+        paths, source = data["train"]["images"], data["train"]["source"]
+    else:
+        paths, source = calibration_images(args.calib_images, sys.maxsize, args.calib_root), args.calib_images
+        validated = {os.path.realpath(path) for path in data["val"]["images"]} if data else set()
+        kept = [path for path in paths if os.path.realpath(path) not in validated]
+        if len(kept) < len(paths):
+            source = f"{args.calib_images} without the {data['val']['source']}"
+            print(f"--calib-images {args.calib_images} holds {len(paths) - len(kept)} images that {run_dir} validated "
+                  f"on ({data['val']['source']}); calibrating on the other {len(kept)}")
+            paths = kept
+    if not paths:
+        raise ValueError(f"no calibration images left in {source}; pass --calib-images with training images")
+    return paths[::max(1, len(paths) // args.calib_count)][:args.calib_count], source
 
 
 def _describe(diffs, img_size):

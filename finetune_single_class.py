@@ -7,7 +7,8 @@
         --val-root data/val --val-ann data/val/annotations.json
     python finetune_single_class.py --init imagenet ...   # lite0's ImageNet backbone, FPN and head from scratch
     python finetune_single_class.py --init random ...     # the baseline: the same schedule from random weights
-    python finetune_single_class.py --config my.json --epochs 40
+    python finetune_single_class.py --config my.json --epochs 40 --name kangaroo_40ep
+    python finetune_single_class.py ... --epochs 1      # a smoke test of one's data: stages without an epoch skip
     python finetune_single_class.py --resume finetune_results/whiteline_<stamp>
     torchrun --nproc_per_node=2 finetune_single_class.py --config my.json --amp
 
@@ -18,11 +19,12 @@ Every default lives in config_transfer_learning.json ("finetuning" and "optimiza
 (sections or flat keys) overrides it, and flags override both. --init chooses the starting weights (see
 model_lightweight.load_init); --pretrained-backbone PATH and --no-pretrained are its older spellings.
 --resume continues an interrupted run exactly (weights, optimizer, schedule, stage, EMA, RNG).
-Writes OUTPUT_DIR/<class>_<stamp>/: best_model.pth, last_model.pth, config.json, metrics.csv, summary.json,
-tensorboard/.
+Writes OUTPUT_DIR/<class>_<stamp>/ (OUTPUT_DIR/NAME with --name): best_model.pth, last_model.pth, config.json,
+metrics.csv, summary.json, pr_curve.csv, results.png, tensorboard/.
 """
 import logging
 import os
+import time
 
 import torch
 
@@ -57,7 +59,9 @@ def get_args_parser(defaults):
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
                         help=default("model_size", "nano | tiny | small | lite0; --init PATH: the file's size"))
     parser.add_argument("--epochs", type=int, help=default("epochs", "total epochs, shared by the three stages in "
-                                                                     "the config's proportions"))
+                                                                     "the config's proportions; 1 or 2 (a smoke test "
+                                                                     "of the data) go to the last stage, then the "
+                                                                     "first"))
     parser.add_argument("--img-size", type=int, help=default("img_size", "square input side, a multiple of 32"))
     parser.add_argument("--batch-size", type=int, help=default("batch_size", "per process (GPU)"))
     cfg.add_run_flags(parser, defaults)
@@ -75,7 +79,7 @@ def resolve_config(typed, argv=None):
     if config["epochs"] is not None:
         if config["epochs"] < 1:
             raise cfg.ConfigError(f"epochs must be >= 1, got {config['epochs']}")
-        stage_epochs = split_epochs(config["epochs"], [config[f"stage{i}_epochs"] for i in (1, 2, 3)])
+        stage_epochs = share_epochs(config["epochs"], [config[f"stage{i}_epochs"] for i in (1, 2, 3)])
         config.update({f"stage{i}_epochs": epochs for i, epochs in enumerate(stage_epochs, start=1)})
     check_config(config)
     runs.check_not_finished(checkpoint, sum(config[f"stage{i}_epochs"] for i in (1, 2, 3)), config["resume"])
@@ -126,18 +130,32 @@ def check_config(config):
     cfg.check_common(config, max(STRIDES))
 
 
+def share_epochs(total_epochs, proportions):
+    """--epochs over the stages: split_epochs, or with fewer epochs than stages (--epochs 1 or 2, a smoke test of
+    one's data) one epoch to the last stage, then to the earliest (heads, then everything: the recipe in
+    miniature). The stages left at 0 are skipped."""
+    used = [index for index, weight in enumerate(proportions) if weight > 0]
+    if 0 < total_epochs < len(used):
+        funded = ([used[-1]] + used[:-1])[:total_epochs]
+        return tuple(1 if index in funded else 0 for index in range(len(proportions)))
+    return split_epochs(total_epochs, proportions)
+
+
 def split_epochs(total_epochs, proportions):
     """Stage epochs in the recipe's proportions (E/4, E/4, the rest for 10:10:20): the earlier stages round down
-    to at least 1 epoch each, the last stage with epochs takes what is left; a stage with 0 stays at 0."""
+    to at least 1 epoch each, the last stage with epochs takes what is left; a stage with 0 stays at 0. Every
+    stage of the recipe gets an epoch (the transfer study compares whole recipes), so fewer are refused."""
     used = [index for index, weight in enumerate(proportions) if weight > 0]
     if not used:
         raise cfg.ConfigError("the recipe has no stage with epochs (stage1_epochs..stage3_epochs all 0)")
-    epochs = [max(1, int(total_epochs * weight / sum(proportions))) if weight > 0 else 0 for weight in proportions]
-    epochs[used[-1]] = 0
-    epochs[used[-1]] = total_epochs - sum(epochs)
-    if epochs[used[-1]] < 1:
+    if total_epochs < len(used):
         raise cfg.ConfigError(f"--epochs {total_epochs} is too few for the {len(used)}-stage recipe "
                               f"(proportions {list(proportions)}); use at least {len(used)}")
+    epochs = [max(1, int(total_epochs * weight / sum(proportions))) if weight > 0 else 0 for weight in proportions]
+    epochs[used[-1]] = 0
+    while sum(epochs) >= total_epochs:  # the minimum of 1 ate the last stage's share: take from the largest
+        epochs[max(used[:-1], key=lambda index: epochs[index])] -= 1
+    epochs[used[-1]] = total_epochs - sum(epochs)
     return tuple(epochs)
 
 
@@ -155,6 +173,7 @@ def stage_plan(config, pretrained_groups):
     for index, (name, released) in enumerate(STAGES, start=1):
         epochs = config[f"stage{index}_epochs"]
         if epochs == 0:
+            logger.info("stage %d (%s) has 0 epochs: skipped", index, name)
             continue
         groups = tuple(g for g in LAYER_GROUPS if g in released or g not in pretrained_groups)
         lrs = {group: config[f"stage{index}_{group if group in pretrained_groups else 'head'}_lr"] for group in groups}
@@ -236,6 +255,7 @@ def build_data(config):
 def train(config, checkpoint=None, argv=None):
     """Run (or resume) a fine-tuning. Returns the summary (also in summary.json); {} on ranks > 0 under torchrun,
     where every rank trains on its shard and rank 0 evaluates and writes."""
+    started = time.perf_counter()
     device = runs.setup_process(config, "finetune_single_class.py", argv)
     loader, val_dataset, class_names, split = build_data(config)
     if distributed.is_main_process():
@@ -263,7 +283,7 @@ def train(config, checkpoint=None, argv=None):
     if run is None:
         return {}
     summary = runs.close_run(run, {"best": "best_model", "last": "last_model"})
-    logger.info("best epoch %s (stage %s) of %s", summary.get("best_epoch"), summary.get("best_stage"), run.run_dir)
+    logger.info(runs.final_line(summary, summary["best_model"], time.perf_counter() - started))
     return summary
 
 

@@ -1,8 +1,8 @@
 """Build the starter detector that fine-tuning starts lite0 from: weights/lite0_coco_starter.pth and its sidecar JSON.
 
-    python make_starter.py --coco-root ../shared/data/coco128          # pretrain with the recipe, then write both
+    python make_starter.py --coco-root datasets/coco128                # pretrain with the recipe, then write both
     python make_starter.py --coco-root /path/to/coco2017                # the same recipe on full COCO 2017
-    python make_starter.py --coco-root ../shared/data/coco128 --from-run pretrain_results/multi_class_<stamp>
+    python make_starter.py --coco-root datasets/coco128 --from-run pretrain_results/multi_class_<stamp>
 
 The recipe is config_transfer_learning.json's "starter" section: pretrain_multi_class.py's settings for a lite0
 that starts from ImageNet and learns the default COCO classes. The best checkpoint (its EMA weights) is stored in

@@ -34,6 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms.v2 import functional as TF
 
 from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
+from config import shipped_file
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +390,9 @@ class LightweightDetector(nn.Module):
             conf_threshold: keep detections scoring at least it; None: `self.conf_threshold` (a fine-tuned
                 checkpoint's calibrated threshold, else DEFAULT_CONF_THRESHOLD).
         Returns:
-            one dict per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
-            "scores" (N,), "labels" int64 (N,) in 0..num_classes-1.
+            one Detections (a dict) per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
+            "scores" (N,), "labels" int64 (N,) in 0..num_classes-1; `.names` (from `self.class_names`, which
+            load_model sets), `.draw(image)` and `.save(path, image)`.
         """
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
@@ -402,7 +404,7 @@ class LightweightDetector(nn.Module):
             found = network.postprocess(network(batch), conf_threshold, iou_threshold, max_detections)
             for index, result in zip(indices, unletterbox(found, ratios, [images[i].shape[-2:] for i in indices])):
                 results[index] = result
-        return results
+        return [Detections(**result, class_names=getattr(self, "class_names", None)) for result in results]
 
     def fuse(self):
         """Fold BatchNorm into the convolutions, in place, for inference: the same outputs (to float
@@ -641,6 +643,35 @@ def select_detections(scores_all, boxes_all, conf_threshold=0.5, iou_threshold=0
     return results
 
 
+class Detections(dict):
+    """One image's detections, as predict() returns them: the dict of tensors ("boxes" float32 (N, 4) xyxy in the
+    image's pixels, "scores" (N,), "labels" int64 (N,)) that code indexes, plus the class names for a notebook to
+    read, draw and save (issue #26). The names are an attribute, not a key, so code that maps over the values
+    (`{k: v.cpu() for k, v in result.items()}`) still meets tensors only."""
+
+    def __init__(self, boxes, scores, labels, class_names=None):
+        super().__init__(boxes=boxes, scores=scores, labels=labels)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    @property
+    def names(self):
+        """The class name of each detection (its label index as text when the model has no class names)."""
+        labels = self["labels"].tolist()
+        return [self.class_names[label] for label in labels] if self.class_names else [str(label) for label in labels]
+
+    def draw(self, image):
+        """An RGB PIL copy of `image` (the one predicted: a CHW tensor, uint8 or [0, 1] float, or a PIL image)
+        with the boxes and "name 0.87" labels drawn, sized for the image (plots.draw_detections)."""
+        from plots import draw_detections  # PIL and fonts only when drawing
+        return draw_detections(image, self["boxes"], self["labels"], self["scores"], self.class_names or None)
+
+    def save(self, path, image):
+        """Write draw(image) to `path` (the format from its extension); returns the path."""
+        jpeg = str(path).lower().endswith((".jpg", ".jpeg", ".webp"))
+        self.draw(image).save(path, **({"quality": 95} if jpeg else {}))
+        return path
+
+
 class FusedCopy:
     """The BatchNorm-fused eval copy predict() runs, made again whenever the model's weights or buffers change
     (an optimizer step, load_state_dict, .to(): each changes a tensor's version counter or its storage), so a
@@ -767,7 +798,7 @@ def has_imagenet_weights(model_size):
 
 
 INITS = ("random", "imagenet", "starter")  # or the path of a checkpoint or backbone file
-STARTER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "lite0_coco_starter.pth")
+STARTER_PATH = shipped_file("weights", "lite0_coco_starter.pth")  # beside this file, or where pip installed it
 STARTER_SIZE = "lite0"
 
 

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
-from model_lightweight import DEFAULT_CONF_THRESHOLD, letterbox_groups, select_detections, unletterbox
+from model_lightweight import DEFAULT_CONF_THRESHOLD, Detections, letterbox_groups, select_detections, unletterbox
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class OrtDetector:
                                     or DEFAULT_CONF_THRESHOLD)
 
     def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100):
-        """As LightweightDetector.predict: per image, boxes (N, 4) xyxy in original pixels, scores, labels."""
+        """As LightweightDetector.predict: per image a Detections, boxes (N, 4) xyxy in original pixels, scores,
+        labels, and the sidecar's class names."""
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
         if conf_threshold is None:
@@ -172,7 +173,7 @@ class OrtDetector:
                 sizes = [images[i].shape[-2:] for i in indices[rows]]
                 for index, result in zip(indices[rows], unletterbox(found, ratios[rows], sizes)):
                     results[index] = result
-        return results
+        return [Detections(**result, class_names=self.class_names) for result in results]
 
     # what evaluate() calls on a torch model
     def eval(self):

@@ -1,13 +1,27 @@
-"""results.png: a training run at a glance, rewritten after every evaluation (both scripts).
+"""results.png: a training run at a glance, rewritten after every evaluation (both scripts); and detections drawn
+on images (predict.py's pictures and videos, the results of model.predict()).
 
 Three panels: the loss terms per epoch; val mAP50 and mAP per epoch; the precision-recall curve at IoU 0.5 of the
-best epoch, with the calibrated score threshold (the one predict() defaults to) marked. Fine-tuning's stage
-boundaries are dashed in the first two.
+best epoch (pr_curve.csv: every operating point), with the calibrated score threshold (the one predict() defaults
+to) marked at its operating point on the curve. Fine-tuning's stage boundaries are dashed in the first two.
+
+Drawn detections stay readable on any photo (issue #26): box lines and label text scale with the image, labels
+are "name 0.87" in DejaVu Sans on a filled rectangle of the box's colour, the text black or white, whichever
+contrasts more with it.
 """
+import functools
 import logging
 import math
+import os
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
+
+# Saturated colours cycled by class index, none dark or grey, so boxes stand out on foliage, sky, earth and road.
+# The first, the colour of a single-class model, is hot pink: green's complement, far from sky and earth too.
+PALETTE = ("#FF2D95", "#00E5FF", "#FFD400", "#7CFF1F", "#FF7A00", "#B45CFF", "#00FFA3", "#FF3B3B", "#4D8DFF")
 
 
 def _numbers(rows, key):
@@ -27,8 +41,9 @@ def stage_starts(rows):
     return [epoch for epoch, stage, previous in zip(epochs[1:], stages[1:], stages) if stage != previous]
 
 
-def plot_results(rows, summary, path, title):
-    """Write the three panels of a run's metrics.csv `rows` and its `summary` (best epoch, pr curve, threshold)."""
+def plot_results(rows, summary, path, title, pr_curve=None):
+    """Write the three panels of a run's metrics.csv `rows`, its `summary` (best epoch, threshold) and the best
+    epoch's `pr_curve` ({"recall", "precision", "score"} lists, scores descending; None: no panel curve)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -52,23 +67,125 @@ def plot_results(rows, summary, path, title):
             ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=0.8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    plot_pr_curve(axes[2], summary)
+    plot_pr_curve(axes[2], summary, pr_curve or {})
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_pr_curve(ax, summary):
-    curve, threshold = summary.get("best_pr_curve") or {}, summary.get("conf_threshold")
+def operating_point(curve, threshold):
+    """Index of the curve's point that `threshold` selects: the lowest score it keeps ('score >= threshold'), so
+    the marked point lies on the curve; None when the threshold keeps no detection."""
+    kept = [index for index, score in enumerate(curve.get("score", [])) if score >= threshold]
+    return kept[-1] if kept else None
+
+
+def plot_pr_curve(ax, summary, curve):
+    threshold = summary.get("conf_threshold")
     if curve.get("recall"):
-        ax.plot(curve["recall"], curve["precision"], color="tab:purple")
-        metrics = summary.get("best_metrics", {})
-        if threshold is not None and metrics.get("best_f1", 0) > 0:
-            ax.plot([metrics["best_f1_recall"]], [metrics["best_f1_precision"]], "o", color="tab:red",
-                    label=f"threshold {threshold:.2f}: P {metrics['best_f1_precision']:.2f}, "
-                          f"R {metrics['best_f1_recall']:.2f}")
+        ax.plot(curve["recall"], curve["precision"], color="tab:purple", linewidth=1)
+        index = operating_point(curve, threshold) if threshold is not None else None
+        if index is not None:
+            recall, precision = curve["recall"][index], curve["precision"][index]
+            ax.plot([recall], [precision], "o", color="tab:red",
+                    label=f"threshold {threshold:.3f}: P {precision:.2f}, R {recall:.2f}")
+            ax.annotate(f"{threshold:.3f}", (recall, precision), textcoords="offset points", xytext=(6, 6),
+                        fontsize=8, color="tab:red")
             ax.legend(fontsize=8, loc="lower left")
     ax.set(title=f"precision-recall at IoU 0.5, epoch {summary.get('best_epoch', '-')}", xlabel="recall",
            ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
+
+
+# ---------------------------------------------------------------------------------------------- detections
+
+def line_width(height, width):
+    """Box line width in pixels: 0.3 % of the mean side, at least 2 (1-2 px lines vanish on large photos)."""
+    return max(2, round(0.003 * (height + width) / 2))
+
+
+def font_size(height, width):
+    """Label font size in pixels: 3 % of the shorter side, at least 11 so that small images stay legible."""
+    return max(11, round(0.03 * min(height, width)))
+
+
+@functools.lru_cache(maxsize=16)
+def label_font(size):
+    """DejaVu Sans at `size` px, the TrueType font matplotlib (a requirement) bundles; PIL's default font if that
+    file is missing."""
+    try:
+        import matplotlib
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+    except (ImportError, OSError) as error:
+        logger.warning("no DejaVu Sans (%s): labels use PIL's default font", error)
+        try:
+            return ImageFont.load_default(size)
+        except TypeError:  # Pillow < 10.1: one small bitmap font
+            return ImageFont.load_default()
+
+
+def text_colour(colour):
+    """Black or white, whichever has the higher WCAG contrast ratio with `colour` (black above relative luminance
+    0.179, where the two ratios are equal): the luminance is of linear light, so a bright red gets black."""
+    linear = [c / 255 / 12.92 if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4
+              for c in ImageColor.getrgb(colour)[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return (0, 0, 0) if luminance > 0.179 else (255, 255, 255)
+
+
+def as_picture(image):
+    """An RGB PIL image (a copy) of a PIL image, a (3, H, W) or (1, H, W) tensor (uint8, or float in [0, 1], as
+    model.predict() takes) or an (H, W, 3) uint8 array."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if hasattr(image, "detach"):  # a torch tensor, CHW
+        image = image.detach().cpu().numpy()
+        image = image.transpose(1, 2, 0) if image.ndim == 3 else image
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(array).convert("RGB")
+
+
+def draw_detections(image, boxes, labels, scores, class_names=None, colours=None):
+    """Draw boxes with "name 0.87" labels, sized for the image (line_width, font_size).
+
+    Args:
+        image: what as_picture takes (the image the boxes were predicted on).
+        boxes: (N, 4) xyxy in the image's pixels; labels (N,) class indices; scores (N,).
+        class_names: name per class index (None: the index).
+        colours: a colour per detection (default: PALETTE by class).
+    Returns:
+        an RGB PIL image, a copy: the input is not changed.
+    """
+    picture = as_picture(image)
+    width, height = picture.size
+    boxes, labels, scores = [v.tolist() if hasattr(v, "tolist") else list(v) for v in (boxes, labels, scores)]
+    colours = colours or [PALETTE[int(label) % len(PALETTE)] for label in labels]
+    draw = ImageDraw.Draw(picture)
+    thickness, font = line_width(height, width), label_font(font_size(height, width))
+    order = range(len(boxes) - 1, -1, -1)  # the highest score (first) is drawn last, on top
+    for i in order:
+        x0, y0, x1, y1 = (round(v) for v in boxes[i])
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colours[i], width=thickness)
+    for i in order:
+        name = class_names[int(labels[i])] if class_names is not None else str(int(labels[i]))
+        _draw_label(draw, f"{name} {scores[i]:.2f}", boxes[i][:2], colours[i], font, (width, height))
+    return picture
+
+
+def _draw_label(draw, text, corner, colour, font, size):
+    """A filled label above the box's top-left corner; inside the box where the image's top edge is in the way."""
+    pad = max(1, round(font.size / 8)) if hasattr(font, "size") else 1
+    text_width = draw.textlength(text, font=font)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (draw.textbbox((0, 0), text, font)[3], 0)
+    label_width, label_height = round(text_width) + 2 * pad, ascent + descent + 2 * pad
+    x = max(0, min(round(corner[0]), size[0] - label_width))
+    y = round(corner[1]) - label_height
+    if y < 0:
+        y = max(0, round(corner[1]))
+    draw.rectangle((x, y, x + label_width - 1, y + label_height - 1), fill=colour)
+    draw.text((x + pad, y + pad), text, fill=text_colour(colour), font=font)

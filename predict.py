@@ -5,6 +5,7 @@ optional evaluation.
     python predict.py --checkpoint best_model.pth --source "data/**/*.jpg" --save-txt
     python predict.py --checkpoint best_model.pth --source dashcam.mp4            # an annotated video
     python predict.py --checkpoint best_model.pth --source val/images --ann val/annotations.json
+    python predict.py --run finetune_results/whiteline_<stamp>    # the images the run validated on, drawn and scored
 
 --source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not
 subfolders) or a glob (quote it; ** recurses). Images are read by dataset_coco.load_image (EXIF orientation,
@@ -36,7 +37,7 @@ import sys
 
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from config import run_cli, write_json_atomic
@@ -44,14 +45,12 @@ from annotations import index_coco, read_annotations
 from dataset_coco import CocoDetectionDataset, load_image
 from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco
 from ort_detector import ModelLoadError, load_detector
+from plots import draw_detections
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
 
 logger = logging.getLogger("predict")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# Distinct, saturated box colours, cycled by class index (Tableau 10).
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
 SUMMARY_SCORES = 10  # scores listed per class in the one-line summary of an image
 
 
@@ -344,15 +343,11 @@ def results_json(result, name, image_id, category_ids, class_names):
 
 
 def draw(image, result, class_names):
-    """uint8 (3, H, W) image with boxes and "name score" labels drawn; line width scales with the image."""
-    labels = result["labels"].tolist()
-    if not labels:
+    """uint8 (3, H, W) image with boxes and "name score" labels drawn by plots.draw_detections (lines and text
+    scale with the image, labels on a filled background), for pictures and video frames alike."""
+    if not len(result["labels"]):
         return image
-    captions = [f"{class_names[label]} {score:.2f}" for label, score in zip(labels, result["scores"].tolist())]
-    width = max(1, round(max(image.shape[-2:]) / 320))
-    return draw_bounding_boxes(image, result["boxes"], captions,
-                               colors=[PALETTE[label % len(PALETTE)] for label in labels], width=width,
-                               fill_labels=True)
+    return pil_to_tensor(draw_detections(image, result["boxes"], result["labels"], result["scores"], class_names))
 
 
 def save_image(image, path):
@@ -410,13 +405,16 @@ def _fraction(text):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best_model.pth written by training, or an exported .onnx "
-                                                            "(with its sidecar JSON)")
+    parser.add_argument("--checkpoint", help="best_model.pth written by training, or an exported .onnx (with its "
+                                             "sidecar JSON); with --run, default RUN/best_model.pth")
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"),
                         help="pytorch (BatchNorm fused) or onnxruntime (a .pth is exported first, into onnx_cache/ beside it); "
                              "default: the checkpoint's kind")
     parser.add_argument("--threads", type=_at_least(1), help="CPU threads of PyTorch or ONNX Runtime")
-    parser.add_argument("--source", required=True, help="an image, a video, a folder of them, or a quoted glob")
+    parser.add_argument("--source", help="an image, a video, a folder of them, or a quoted glob; with --run, default "
+                                         "the images the run validated on (scored against their annotations)")
+    parser.add_argument("--run", help="a fine-tuning run folder: its best_model.pth, and the images it validated on "
+                                      "(the val part of its --train-ann per RUN/split.json, or its --val-ann)")
     parser.add_argument("--conf", type=_fraction, default=None,
                         help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
                              "threshold, stored by fine-tuning; else 0.25)")
@@ -455,6 +453,24 @@ def _load(args):
                            f"{(str(error) or '?').splitlines()[0]}") from None
 
 
+def _run_sources(args):
+    """--run without --source: the run's validation images (exactly those it validated on, runs.run_data), with
+    --ann defaulting to their annotations so that they are also scored. Returns their paths."""
+    import runs
+    try:
+        val = runs.run_data(args.run)["val"]
+    except ValueError as error:
+        raise PredictError(f"--run: {error}") from None
+    if not val["images"]:
+        raise PredictError(f"--run: none of the images of {val['source']} is on disk")
+    if args.ann is None and val["ann"] is not None:
+        args.ann = val["ann"]  # the matched images only are scored: predict_folder -> coco_ids
+    elif args.ann is None:
+        logger.info("not scored here (no one annotation file holds them); evaluate.py --run %s scores them", args.run)
+    print(f"--source: {val['source']}: {len(val['images'])} images")
+    return val["images"]
+
+
 def main(argv=None):
     """Predict, draw, write predictions.json (images) and NAME.mp4 / NAME.json (videos), optionally evaluate.
 
@@ -464,9 +480,22 @@ def main(argv=None):
     """
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.run is not None:
+        from runs import best_checkpoint, is_run_dir
+        if not is_run_dir(args.run):
+            raise PredictError(f"--run {args.run} is not a training run folder (no config.json naming its data)"
+                               if os.path.isdir(args.run) else f"--run not found: {args.run}")
+        args.checkpoint = args.checkpoint or best_checkpoint(args.run)
+    elif args.checkpoint is None or args.source is None:
+        raise PredictError("--checkpoint and --source are required (or --run RUN_DIR, which defaults them to the "
+                           "run's best_model.pth and the images it validated on)")
     if not os.path.isfile(args.checkpoint):  # before --source is scanned: both inputs are checked up front
         raise PredictError(f"--checkpoint not found: {args.checkpoint}")
-    paths, names, videos, video_names = find_sources(args.source)
+    if args.source is None:
+        paths, videos, video_names = _run_sources(args), [], []
+        names = _relative_names(paths)
+    else:
+        paths, names, videos, video_names = find_sources(args.source)
     image_stems, video_stems = output_stems(names, video_names, args.save_txt)
     for video in videos:  # a missing or undecodable video stops the run before anything is written
         open_video(video)[0].close()

@@ -6,18 +6,20 @@ backbone_weights/. Sizes nano/tiny/small start from random weights; lite0 (Effic
 ImageNet backbone unless --init says otherwise.
 
     python pretrain_multi_class.py --coco-root /path/to/coco --epochs 100 --batch-size 32 --model-size tiny
-    python pretrain_multi_class.py --coco-root data/coco128 --classes 20 --img-size 320 --device cpu
+    python pretrain_multi_class.py --coco-root data/coco128 --classes 20 --img-size 320 --device cpu --name coco128
     python pretrain_multi_class.py --coco-root /path/to/coco --model-size lite0     # ImageNet -> COCO classes
     python pretrain_multi_class.py --resume pretrain_results/multi_class_<stamp> --epochs 150
     torchrun --nproc_per_node=4 pretrain_multi_class.py --coco-root /path/to/coco --batch-size 32 --amp --sync-bn
 
 In Python: `from pretrain_multi_class import pretrain; result = pretrain(coco_root=..., epochs=...)`.
 
-Outputs, in OUTPUT_DIR/multi_class_<YYYYmmdd_HHMMSS>/: checkpoints/{last,best,epoch_<N>}.pth,
-backbone_weights/{best,last}_backbone.pth, config.json, metrics.csv, summary.json, tensorboard/.
+Outputs, in OUTPUT_DIR/multi_class_<YYYYmmdd_HHMMSS>/ (OUTPUT_DIR/NAME with --name): checkpoints/{last,best,
+epoch_<N>}.pth, backbone_weights/{best,last}_backbone.pth, config.json, metrics.csv, summary.json, pr_curve.csv,
+results.png, tensorboard/.
 """
 import collections
 import logging
+import time
 
 import torch
 
@@ -184,6 +186,7 @@ def train(config, checkpoint=None, argv=None):
     """Pretrain (or resume). Returns the last evaluation's metrics plus best_mAP, class_names, run_dir and the
     checkpoint paths; {} on ranks > 0 under torchrun, where every rank trains on its shard and rank 0 evaluates,
     logs and writes."""
+    started = time.perf_counter()
     device = runs.setup_process(config, "pretrain_multi_class.py", argv)
     loader, val_dataset, class_names, split = build_data(config)
     config["classes"] = list(class_names)
@@ -215,8 +218,10 @@ def train(config, checkpoint=None, argv=None):
              "best_backbone": "best_backbone"}
     summary = runs.close_run(run, names)
     paths = {name: summary[name] for name in names.values()}
-    logger.info("best mAP %s; for fine-tuning: %s (full) or %s (backbone)", run.best_map, paths["best_checkpoint"],
-                paths["best_backbone"])
+    line = runs.final_line(summary, paths["best_checkpoint"], time.perf_counter() - started, stages=False)
+    if paths["best_checkpoint"]:
+        line += f"; to fine-tune from it: --init {paths['best_checkpoint']} (or its backbone, {paths['best_backbone']})"
+    logger.info(line)
     return {**(metrics or {}), "best_mAP": run.best_map, "epochs": epochs, "class_names": list(class_names),
             "run_dir": run.run_dir, **paths}
 

@@ -10,7 +10,9 @@ DequantizeLinear and a QuantizeLinear. Left in float, because they quantise badl
 - the last classification and box convolutions (at every pyramid level) and everything after them (softplus,
   the box decoding, the sigmoid): their outputs are the scores and pixel distances whose small differences
   decide NMS and mAP.
+ONNX Runtime's own INFO lines (a line per tensor) are dropped unless asked for (export.py -v).
 """
+import contextlib
 import glob
 import logging
 import os
@@ -158,12 +160,39 @@ class _Reader:
         pass
 
 
-def quantize_int8(float_path, int8_path, image_paths, img_size, rect=True):
-    """Write the INT8 copy of `float_path` to `int8_path`; returns what was done, for the sidecar."""
+class _WarningsAndAbove(logging.Filter):
+    def filter(self, record):
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def onnxruntime_logs(verbose=False):
+    """Around ONNX Runtime's quantisation tools: unless `verbose`, their INFO lines are dropped and their warnings
+    kept. The quantiser logs a line per tensor it adjusts ("Increased scale[...]", "Created a copy of bias
+    input ...") with logging.info, on the root logger itself, which a script's INFO level prints. A logger's filter
+    sees only the records logged on that logger, so one on the root drops those and lets every named logger's
+    lines through; the onnxruntime loggers are raised to WARNING. Both are restored after."""
+    if verbose:
+        yield
+        return
+    root, package, only_warnings = logging.getLogger(), logging.getLogger("onnxruntime"), _WarningsAndAbove()
+    level = package.level
+    root.addFilter(only_warnings)
+    package.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.removeFilter(only_warnings)
+        package.setLevel(level)
+
+
+def quantize_int8(float_path, int8_path, image_paths, img_size, rect=True, verbose=False):
+    """Write the INT8 copy of `float_path` to `int8_path`; returns what was done, for the sidecar. `verbose`: let
+    ONNX Runtime's INFO lines through (onnxruntime_logs)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, onnxruntime_logs(verbose):
         prepared = os.path.join(folder, "prepared.onnx")
         # ONNX shape inference and ONNX Runtime's graph clean-up; the symbolic shape inference cannot follow the dynamic
         # height and width through the grid of points, and the quantiser does not need it

@@ -4,6 +4,8 @@ every epoch, and how it resumes.
     RUN/config.json      the resolved config, with the provenance of the starting weights
     RUN/metrics.csv      one row per epoch, the same columns in both scripts (epoch_record)
     RUN/summary.json     the best epoch, its metrics and calibrated score threshold, the last epoch, the files
+    RUN/pr_curve.csv     the best epoch's precision-recall curve at IoU 0.5: every operating point (write_pr_curve)
+    RUN/results.png      losses, val mAP and that curve, redrawn after every evaluation (plots.py)
     RUN/tensorboard/     the same numbers per epoch; losses, rates and gradient norms per iteration; val images
     checkpoints          `last` every epoch (resumable), `best` on a new best val mAP (the EMA weights, with the
                          validation best-F1 threshold that predict() then defaults to); where, the script's layout
@@ -24,7 +26,7 @@ import torch
 import distributed
 import engine
 from config import ConfigError, check_types, file_values, load_json, resumed, script_defaults, write_json_atomic
-from dataset_coco import build_dataloader
+from dataset_coco import build_dataloader, coco_layout_paths, load_train_val, resolve_image_path
 from evaluate import evaluate
 from losses import DetectionLoss
 from plots import plot_results
@@ -34,6 +36,7 @@ from model_lightweight import (DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, create_ligh
 
 logger = logging.getLogger(__name__)
 SPLIT_FILE = "split.json"
+PR_CURVE_FILE = "pr_curve.csv"
 
 
 @dataclasses.dataclass
@@ -70,6 +73,20 @@ def create_run_dir(output_dir, name):
             path = f"{base}_{suffix}"
 
 
+def named_run_dir(output_dir, name, create=False):
+    """OUTPUT_DIR/NAME of --name: a new or empty folder; one that holds a run, finished or not, is refused, so a
+    reused name never overwrites (or mixes into) another run's files."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"--name must be a folder name (--output-dir says where), got {name!r}")
+    path = os.path.join(output_dir, name)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConfigError(f"--name {name}: {path} already exists and is not an empty folder; continue that run with "
+                          f"--resume {path}, or choose another --name")
+    if create:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
 def run_dir_of(checkpoint_path, layout):
     """The run folder a `last` checkpoint of `layout` lies in (checkpoints/last.pth -> its grandparent)."""
     depth = len(os.path.normpath(layout["last"]).split(os.sep))
@@ -89,8 +106,12 @@ def resolve(section, typed, layout, script, fixed_keys):
     defaults = script_defaults(section)
     check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
     from_file = file_values(typed["config"], section, defaults) if typed.get("config") else {}
-    config, checkpoint = load_resume({**defaults, **from_file, **typed}, typed, section, defaults, layout, script,
-                                     fixed_keys)
+    config = {**defaults, **from_file, **typed}
+    if config["name"] is not None and config["resume"]:
+        raise ConfigError("--name names a new run's folder; a resumed run continues in its own, drop --name")
+    config, checkpoint = load_resume(config, typed, section, defaults, layout, script, fixed_keys)
+    if config["name"] is not None:
+        named_run_dir(config["output_dir"], config["name"])  # refused now, not after the data has loaded
     return config, checkpoint, {**from_file, **typed}
 
 
@@ -149,13 +170,15 @@ def check_not_finished(checkpoint, total_epochs, path):
 
 
 def open_run(config, class_names, layout, script, name, checkpoint=None):
-    """Rank 0: a new folder OUTPUT_DIR/<name>_<stamp>, or the resumed run's own; config.json, TensorBoard and
-    metrics.csv (rows after the checkpoint's epoch dropped: they are trained again)."""
-    if checkpoint is None:
-        run_dir = create_run_dir(config["output_dir"], name)
-    else:
+    """Rank 0: a new folder OUTPUT_DIR/<name>_<stamp> (OUTPUT_DIR/NAME with --name), or the resumed run's own;
+    config.json, TensorBoard and metrics.csv (rows after the checkpoint's epoch dropped: they are trained again)."""
+    if checkpoint is not None:
         run_dir = run_dir_of(config["resume"], layout)
         logger.info("resumed from %s at epoch %d", config["resume"], checkpoint["epoch"] + 1)
+    elif config.get("name"):
+        run_dir = named_run_dir(config["output_dir"], config["name"], create=True)
+    else:
+        run_dir = create_run_dir(config["output_dir"], name)
     write_json_atomic(config, os.path.join(run_dir, "config.json"))
     from torch.utils.tensorboard import SummaryWriter  # slow to import; only rank 0 needs it
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -164,6 +187,9 @@ def open_run(config, class_names, layout, script, name, checkpoint=None):
     if checkpoint is not None:
         run.best_map, run.last_saved_epoch = checkpoint.get("best_map"), checkpoint["epoch"]
         run.summary = checkpoint.get("summary") or {}
+        old_curve = run.summary.pop("best_pr_curve", None)  # runs before pr_curve.csv kept it in the summary
+        if old_curve and not os.path.isfile(os.path.join(run_dir, PR_CURVE_FILE)):
+            write_pr_curve(old_curve, os.path.join(run_dir, PR_CURVE_FILE))
         if run.best_map is not None and not math.isfinite(run.best_map):  # runs before None meant "no best yet"
             run.best_map = None
     return run
@@ -233,6 +259,86 @@ def write_split(run, split):
         write_json_atomic(split, os.path.join(run.run_dir, SPLIT_FILE))
 
 
+# ---- a run's own data, read back by the commands that score and deploy its model ---------------------------------
+BEST_CHECKPOINTS = ("best_model.pth", os.path.join("checkpoints", "best.pth"))  # fine-tuning's, pretraining's
+
+
+def is_run_dir(folder):
+    """Whether `folder` is a training run's: its config.json names the run's data."""
+    path = os.path.join(folder, "config.json")
+    try:
+        config = load_json(path, "run config") if os.path.isfile(path) else None
+    except ConfigError:
+        return False
+    return isinstance(config, dict) and bool(config.get("train_ann") or config.get("coco_root"))
+
+
+def checkpoint_run(path):
+    """The run folder a checkpoint (or a model exported beside it) lies in, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None):
+        if candidate and is_run_dir(candidate):
+            return candidate
+    return None
+
+
+def best_checkpoint(run_dir):
+    """A run's best checkpoint: RUN/best_model.pth (fine-tuning) or RUN/checkpoints/best.pth (pretraining)."""
+    paths = [os.path.join(run_dir, name) for name in BEST_CHECKPOINTS]
+    return next((path for path in paths if os.path.isfile(path)), paths[0])
+
+
+def run_data(run_dir):
+    """The images a run trained and validated on, read back from its config.json and split.json through the loader
+    training used (dataset_coco.load_train_val), so that evaluate.py --run, predict.py --run and export.py --int8
+    see exactly the run's own parts: scores on the held-out images, INT8 calibrated on the others (issue #26).
+
+    Returns:
+        dict with "config" (config.json), "split" (split.json; None when the run had a validation set), and
+        "train" and "val", each {"data": COCO dict, "root": its image folder, "images": sorted paths on disk,
+        "source": what it is in words ("val part of photos/annots per RUN/split.json"), "ann": the annotation
+        path whose images these are all or part of (None for a YOLO data.yaml's val entry)}.
+
+    Raises:
+        ConfigError: `run_dir` is not a run folder, or its data cannot be read (one line).
+    """
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir} is not a training run folder (no config.json naming its data)")
+    config = load_json(os.path.join(run_dir, "config.json"), "run config")
+    split_path = os.path.join(run_dir, SPLIT_FILE)
+    saved = load_json(split_path, "split file") if os.path.isfile(split_path) else None
+    try:
+        if config.get("coco_root"):  # pretraining on COCO's own layout
+            paths = coco_layout_paths(config["coco_root"])
+            anns = paths["train_ann"], paths["train_images"], paths["val_ann"], paths["val_images"]
+        else:
+            anns = config["train_ann"], config.get("train_root"), config.get("val_ann"), config.get("val_root")
+        train, val, split = load_train_val(*anns, config.get("val_fraction"), saved)
+    except (FileNotFoundError, ValueError) as error:  # config.json's relative paths are the training's folder's
+        raise ConfigError(f"cannot read the data of run {run_dir} (as its config.json names it, from the current "
+                          f"folder): {str(error).splitlines()[0]}") from None
+    train_ann, val_ann = anns[0], anns[2]
+    if split is None:
+        sources = {"train": (str(train_ann), train_ann),
+                   "val": (str(val_ann), val_ann) if val_ann else (f"val entry of {train_ann}", None)}
+    else:
+        if saved is None:
+            logger.warning("%s has no %s: its val part is chosen again by the hash of each path (val_fraction %g), "
+                           "so images added since are in it too", run_dir, SPLIT_FILE, split["val_fraction"])
+        record = split_path if saved is not None else f"val_fraction {split['val_fraction']:g}"
+        sources = {part: (f"{part} part of {train_ann} per {record}", train_ann) for part in ("train", "val")}
+    parts = {}
+    for part, (data, root) in (("train", train), ("val", val)):
+        images = sorted(path for path, _ in (resolve_image_path(root, image["file_name"]) for image in data["images"])
+                        if path is not None)
+        if len(images) < len(data["images"]):
+            logger.warning("%d of the %d images of the %s are missing on disk", len(data["images"]) - len(images),
+                           len(data["images"]), sources[part][0])
+        parts[part] = {"data": data, "root": root, "images": images, "source": sources[part][0],
+                       "ann": sources[part][1]}
+    return {"config": config, "split": split, **parts}
+
+
 def lr_scale(config):
     """engine.lr_scale_factor for this run's global batch, logged once."""
     world_size = distributed.get_world_size()
@@ -288,14 +394,16 @@ def finish_epoch(run, state, stage, epoch, train_metrics, val_dataset, started, 
     if is_best:
         threshold = calibrated_threshold(metrics)
         run.summary.update(best_epoch=epoch, best_stage=stage["index"], best_stage_name=stage["name"],
-                           conf_threshold=threshold, best_pr_curve=metrics["pr_curve"],
+                           conf_threshold=threshold,
                            best_metrics={k: v for k, v in metrics.items() if k not in ("per_class_AP", "pr_curve")})
+        write_pr_curve(metrics["pr_curve"], os.path.join(run.run_dir, PR_CURVE_FILE))
     run.summary.update(run_dir=run.run_dir, last_epoch=epoch, last_metrics=row)
     save_epoch(run, state, stage, epoch, metrics, is_best)
     write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
     if evaluated:
         plot_results(run.log.rows, run.summary, os.path.join(run.run_dir, "results.png"),
-                     f"{run.script}: {os.path.basename(run.run_dir)}")
+                     f"{run.script}: {os.path.basename(run.run_dir)}",
+                     read_pr_curve(os.path.join(run.run_dir, PR_CURVE_FILE)))
     return metrics
 
 
@@ -411,6 +519,45 @@ def epoch_record(epoch, stage, train_metrics, optimizer, metrics, best_map, epoc
     row.update(best_mAP=best_map if best_map is not None else "",
                images_per_second=train_metrics["images_per_second"], epoch_time=epoch_time)
     return {k: float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for k, v in row.items()}
+
+
+def write_pr_curve(curve, path):
+    """pr_curve.csv: one row per operating point (recall, precision, score), scores descending; a score is the
+    lowest one that operating point keeps. Kept out of summary.json, which it would outgrow (a row per distinct
+    score of the val detections)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("recall", "precision", "score"))
+        writer.writerows(zip(curve["recall"], curve["precision"], curve["score"]))
+    os.replace(tmp, path)
+
+
+def read_pr_curve(path):
+    """pr_curve.csv as {"recall", "precision", "score"} lists of floats; empty lists when there is none yet."""
+    curve = {"recall": [], "precision": [], "score": []}
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key in curve:
+                    curve[key].append(float(row[key]))
+    return curve
+
+
+def final_line(summary, best_path, seconds, stages=True):
+    """A training's last log line, what a user scrolls to: the best epoch's metrics, the calibrated threshold,
+    the best model's path and the run's wall time."""
+    took = f"done in {datetime.timedelta(seconds=round(seconds))}"
+    if best_path is None:
+        return (f"{took}: no epoch had a defined val mAP (no validation boxes?), so there is no best model; "
+                f"last epoch {summary.get('last_epoch')} in {summary.get('run_dir')}")
+    metrics, threshold = summary["best_metrics"], summary["conf_threshold"]
+    stage = f" (stage {summary['best_stage']}, {summary['best_stage_name']})" if stages else ""
+    operating_point = (f"P/R/F1 {metrics['best_f1_precision']:.3f}/{metrics['best_f1_recall']:.3f}/"
+                       f"{metrics['best_f1']:.3f} at the calibrated threshold {threshold:.3f}"
+                       if metrics["best_f1"] > 0 else f"no true positive at any threshold (threshold {threshold:.3f})")
+    return (f"{took}: best epoch {summary['best_epoch']}{stage}: mAP {metrics['mAP']:.4f} mAP50 "
+            f"{metrics['mAP50']:.4f}, {operating_point}; best model: {best_path}")
 
 
 def epoch_line(row, config, is_best):

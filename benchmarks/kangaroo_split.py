@@ -1,8 +1,8 @@
 """The fixed split of the kangaroo photos that the transfer study and the README's figures use: every fifth image by
 sorted name is validation, the rest training, written as two COCO JSONs (the images stay where they are).
 
-    python benchmarks/kangaroo_split.py --voc ../shared/data/kangaroo/annots --out kangaroo_split
-    # -> kangaroo_split/train.json (132 images), kangaroo_split/val.json (32 images); images: ../shared/data/kangaroo/images
+    python benchmarks/kangaroo_split.py --voc datasets/kangaroo/annots --out kangaroo_split
+    # -> kangaroo_split/train.json (132 images), kangaroo_split/val.json (32 images); images: datasets/kangaroo/images
 
 A fixed rule rather than finetune_single_class.py's --val-fraction hash, so that every figure in the README is
 measured on the same 32 photos. The boxes come from annotations.read_voc (VOC's 1-based corners to COCO's

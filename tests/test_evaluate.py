@@ -551,3 +551,39 @@ def test_predict_ann_scores_against_the_boxes_as_trained(make_coco):
     assert category_ids == [5] and image_ids == [2, 1]
     assert sorted((a["image_id"], a["bbox"]) for a in coco_gt.anns.values()) == [(1, [4.0, 4.0, 20.0, 20.0]),
                                                                                  (2, [60.0, 10.0, 20.0, 20.0])]
+
+
+def test_the_pr_curve_has_every_operating_point_and_the_best_f1_threshold_lies_on_it():
+    """Issue #26 item 8: one point per distinct score (ties are one operating point), unthinned and unrounded, so
+    the point the calibrated threshold selects is the best-F1 operating point itself."""
+    from plots import operating_point
+    num_images = 250  # more distinct scores than the 200 points the curve was once thinned to
+    images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in range(1, num_images + 1)]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0}
+                   for i in range(1, num_images + 1)]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    rng = np.random.default_rng(0)
+    detections = []
+    for i in range(1, num_images + 1):
+        tp_score = round(float(rng.uniform(0.05, 1.0)), 3)  # 3 decimals: many ties between images
+        detections.append({"image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20], "score": tp_score})
+        if i % 3:
+            detections.append({"image_id": i, "category_id": 1, "bbox": [60, 60, 10, 10],
+                               "score": round(float(rng.uniform(0.05, 1.0)), 3)})
+    metrics = evaluate.coco_metrics(coco, detections, list(range(1, num_images + 1)), [1], ["thing"])
+    curve = metrics["pr_curve"]
+
+    is_tp = {id(d): d["bbox"][0] == 10 for d in detections}
+    distinct = sorted({d["score"] for d in detections}, reverse=True)
+    assert len(distinct) > 200 and curve["score"] == distinct
+    for score, recall, precision in zip(curve["score"], curve["recall"], curve["precision"]):
+        kept = [d for d in detections if d["score"] >= score]
+        tp = sum(is_tp[id(d)] for d in kept)
+        assert recall == pytest.approx(tp / num_images, abs=1e-12)
+        assert precision == pytest.approx(tp / len(kept), abs=1e-12)
+    index = operating_point(curve, metrics["best_f1_threshold"])
+    assert (curve["recall"][index], curve["precision"][index]) == pytest.approx(
+        (metrics["best_f1_recall"], metrics["best_f1_precision"]), abs=1e-12)

@@ -277,8 +277,18 @@ def test_epochs_share_the_stages_in_the_config_proportions(data, tmp_path):
     assert [resolved[f"stage{i}_epochs"] for i in (1, 2, 3)] == [2, 2, 4]
     assert finetune.split_epochs(20, (10, 10, 20)) == (5, 5, 10)
     assert finetune.split_epochs(10, (0, 10, 20)) == (0, 3, 7)
-    with pytest.raises(config.ConfigError, match="--epochs 2 is too few"):
-        finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "2"])
+    assert finetune.split_epochs(3, (1, 100, 1)) == (1, 1, 1)  # the minimum of 1 no longer starves the last stage
+
+
+def test_epochs_1_and_2_fund_the_last_stage_then_the_first(data, tmp_path):
+    """Issue #26 item 7: fewer epochs than stages are a smoke test, not an error."""
+    for epochs, expected in (("1", [0, 0, 1]), ("2", [1, 0, 1]), ("3", [1, 1, 1])):
+        resolved = finetune.parse_config(base_args(data, tmp_path) + ["--epochs", epochs])
+        assert [resolved[f"stage{i}_epochs"] for i in (1, 2, 3)] == expected, epochs
+    assert finetune.share_epochs(2, (0, 10, 20)) == (0, 1, 1) and finetune.share_epochs(1, (10, 0, 0)) == (1, 0, 0)
+    assert finetune.share_epochs(20, (2, 2, 16)) == finetune.split_epochs(20, (2, 2, 16)) == (2, 2, 16)
+    with pytest.raises(config.ConfigError, match="epochs must be >= 1"):
+        finetune.parse_config(base_args(data, tmp_path) + ["--epochs", "0"])
 
 
 def test_the_best_model_carries_its_calibrated_threshold(data, tmp_path):
@@ -347,3 +357,46 @@ def test_patience_cuts_the_stage_plan_and_the_summary_says_why(data, tmp_path, m
     assert summary["best_epoch"] == 1 and summary["last_epoch"] == 3
     with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_epochs_1_runs_stage_3_alone_and_writes_the_results_files(data, tmp_path, capsys):
+    """Issue #26 items 7, 8 and 6: --epochs 1 trains stage 3 alone, one line naming each skipped stage; the run
+    writes best/last, summary.json without the PR curve, pr_curve.csv (every operating point) and results.png, in
+    OUTPUT_DIR/NAME; the last line repeats the best metrics, the threshold and best_model.pth."""
+    summary = finetune.main(base_args(data, tmp_path) + ["--epochs", "1", "--name", "smoke"])
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "smoke"
+    assert summary["run_dir"] == str(run_dir)
+    assert "stage 1 (heads) has 0 epochs: skipped" in err and "stage 2 (heads+fpn) has 0 epochs: skipped" in err
+    assert [(int(r["epoch"]), int(r["stage"])) for r in csv.DictReader(open(run_dir / "metrics.csv"))] == [(1, 3)]
+    for name in ("best_model.pth", "last_model.pth", "summary.json", "pr_curve.csv", "results.png"):
+        assert (run_dir / name).is_file(), name
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert "pr_curve" not in json.dumps(written) and written["best_model"] == str(run_dir / "best_model.pth")
+    with open(run_dir / "pr_curve.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["recall", "precision", "score"] and len(rows) > 2
+    scores = [float(row[2]) for row in rows[1:]]
+    assert all(a > b for a, b in zip(scores, scores[1:]))  # one row per distinct score, descending
+    last_line = err.strip().splitlines()[-1]
+    assert "done in 0:" in last_line and f"best model: {run_dir / 'best_model.pth'}" in last_line
+    assert f"threshold {written['conf_threshold']:.3f}" in last_line and "mAP50" in last_line
+
+
+def test_epochs_2_trains_stages_1_and_3_and_resumes_across_the_skipped_one(data, tmp_path, monkeypatch):
+    """Issue #26 item 7: --epochs 2 (stages 1 and 3) interrupted after its first epoch resumes into stage 3."""
+    real = engine.train_one_epoch
+
+    def crash_at_epoch_2(*args, **kwargs):
+        if args[5] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(base_args(data, tmp_path) + ["--epochs", "2", "--name", "two"])
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    resumed = finetune.main(["--resume", str(tmp_path / "two"), "--workers", "0"])
+    with open(tmp_path / "two" / "metrics.csv") as f:
+        assert [(int(r["epoch"]), int(r["stage"])) for r in csv.DictReader(f)] == [(1, 1), (2, 3)]
+    assert resumed["last_epoch"] == 2 and os.path.isfile(resumed["last_model"])

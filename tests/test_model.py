@@ -281,3 +281,25 @@ def test_predict_runs_a_fused_copy_never_stale_after_a_weight_change():
     model.load_state_dict(other.state_dict())
     assert torch.allclose(model.predict(image, conf_threshold=0.0)[0]["scores"], fresh(other), atol=1e-5)
     assert "_fused_copy" not in " ".join(model.state_dict())  # not a submodule: not saved
+
+
+def test_predict_results_carry_class_names_and_draw_and_save(tmp_path):
+    """model.predict() results are still dicts of tensors (issue #26): `.names` is the class name of each
+    detection, `.draw(image)` a PIL image of the input's size, `.save(path, image)` writes it; a model without
+    class names names detections by index."""
+    from PIL import Image
+    torch.manual_seed(0)
+    model = create_lightweight_model(3, "nano", img_size=64, imagenet_pretrained=False)
+    save_checkpoint(model_checkpoint(model, ["cat", "dog", "emu"]), tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth")
+    image = (torch.rand(3, 50, 90) * 255).to(torch.uint8)
+    (result,) = loaded.predict(image, conf_threshold=0.0, max_detections=6)
+    assert set(result) == {"boxes", "scores", "labels"} and isinstance(result, dict)
+    assert len(result["labels"]) and result.names == [["cat", "dog", "emu"][i] for i in result["labels"].tolist()]
+    {key: value.cpu() for key, value in result.items()}  # code that maps over the tensors keeps working
+    assert result.draw(image).size == (90, 50) and result.draw(image.float() / 255).size == (90, 50)
+    assert result.draw(Image.new("RGB", (90, 50))).size == (90, 50)
+    result.save(tmp_path / "drawn.jpg", image)
+    assert Image.open(tmp_path / "drawn.jpg").size == (90, 50)
+    (unnamed,) = model.eval().predict(image, conf_threshold=0.0, max_detections=6)
+    assert unnamed.names == [str(i) for i in unnamed["labels"].tolist()]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import predict
 from conftest import exits_with_one_line
-from test_predict_export import one_thread, predict_args, setup  # noqa: F401 (fixtures)
+from test_predict_export import exported, one_thread, predict_args, setup  # noqa: F401 (fixtures)
 
 
 def write_clip(path, frames, seed=0):
@@ -123,3 +123,90 @@ def test_a_missing_source_says_it_does_not_exist(setup, tmp_path, monkeypatch, c
 def test_a_glob_that_matches_nothing_says_no_images_found(setup, tmp_path):
     with pytest.raises(predict.PredictError, match="no images .* found in --source glob"):
         predict.main(predict_args(setup, tmp_path / "*.jpg", tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------- drawing (issue #26)
+
+GREY = (128, 128, 128)
+
+
+def draw_one(size, box, colour=None, label=0):
+    """predict.draw of one detection (or plots.draw_detections with `colour`) on a plain grey (H, W) image, as
+    an (H, W, 3) array."""
+    height, width = size
+    image = torch.tensor(GREY, dtype=torch.uint8)[:, None, None].expand(3, height, width).contiguous()
+    result = {"boxes": torch.tensor([box], dtype=torch.float32), "scores": torch.tensor([0.87]),
+              "labels": torch.tensor([label])}
+    if colour is None:
+        return predict.draw(image, result, ["kangaroo", "wallaby"]).permute(1, 2, 0).numpy()
+    from plots import draw_detections
+    return np.asarray(draw_detections(image, result["boxes"], result["labels"], result["scores"], ["kangaroo"],
+                                      colours=[colour]))
+
+
+def label_area(array, box_top):
+    """The label's rectangle: the bounding box of the pixels above the box that are not background."""
+    ys, xs = np.nonzero((array[:box_top] != GREY).any(axis=2))
+    assert len(ys), "no label above the box"
+    return array[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def test_labels_and_lines_scale_with_a_large_photo():
+    """On a 2560x1920 photo the label's text is at least 2 % of the image tall and the box line at least 3 px
+    wide, measured on the drawn pixels (before: a fixed bitmap font some 10 px tall)."""
+    array = draw_one((1920, 2560), (400, 600, 1400, 1500))
+    colour = array[1000, 400]
+    row = array[1000]  # crosses the left and right edges of the box
+    left_edge = np.nonzero((row == colour).all(axis=1))[0]
+    left_edge = left_edge[left_edge < 900]
+    assert left_edge.min() == 400 and len(left_edge) == left_edge.max() - left_edge.min() + 1 >= 3
+    label = label_area(array, 600)
+    text_rows = np.nonzero(((label != colour).any(axis=2)).any(axis=1))[0]  # rows holding any text pixel
+    assert text_rows.max() - text_rows.min() + 1 >= 0.02 * 1920
+    assert label.shape[0] >= 0.02 * 1920 and label.shape[1] > label.shape[0]
+
+
+def contrasting(colour):
+    """Black or white, whichever has the higher WCAG contrast ratio with an RGB colour."""
+    linear = [((c / 255 + 0.055) / 1.055) ** 2.4 if c > 10 else c / 255 / 12.92 for c in colour]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return (0, 0, 0) if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else (255, 255, 255)
+
+
+@pytest.mark.parametrize("label, colour, text", [(0, None, (0, 0, 0)), (1, None, None),
+                                                 (0, "#1A1A66", (255, 255, 255)), (0, "#7A0000", (255, 255, 255)),
+                                                 (0, "#FFD400", (0, 0, 0))])
+def test_labels_are_filled_with_the_box_colour_and_text_that_contrasts(label, colour, text):
+    """Inside the label rectangle every pixel is the box colour, the text colour or a blend of the two (never the
+    photo behind it), and the text is black on a light colour, white on a dark one; the first class, the colour
+    of a single-class model, is bright (black text)."""
+    array = draw_one((480, 640), (100, 200, 300, 400), colour, label)
+    fill = array[300, 100].astype(float)  # the box's left edge
+    text = text or contrasting(array[300, 100].tolist())
+    assert text == contrasting(array[300, 100].tolist())
+    label = label_area(array, 200).reshape(-1, 3).astype(float)
+    # the position of each pixel on the segment from the fill to the text colour, and its distance from it
+    along = ((label - fill) @ (np.array(text) - fill)) / ((np.array(text) - fill) ** 2).sum()
+    off = np.linalg.norm(label - (fill + along[:, None] * (np.array(text) - fill)), axis=1)
+    assert off.max() <= 3 and along.min() >= -0.02 and along.max() <= 1.02
+    assert (along == 0).mean() > 0.5  # mostly background fill
+    assert ((label == text).all(axis=1)).sum() > 10  # solid text pixels of the contrasting colour
+
+
+def test_a_label_at_the_top_edge_goes_inside_the_box_and_small_images_keep_legible_sizes():
+    import plots
+    array = draw_one((48, 64), (10, 0, 60, 40))
+    assert (array[2, 12] != GREY).any()  # the label, inside the box
+    assert plots.line_width(48, 64) == 2 and plots.font_size(48, 64) == 11
+    assert plots.line_width(1920, 2560) >= 3 and plots.font_size(1920, 2560) >= 0.02 * 1920
+
+
+def test_the_ort_detector_returns_named_detections_that_draw(setup, exported):
+    """OrtDetector.predict gives what model.predict gives: the tensors plus the sidecar's class names, and draws."""
+    from dataset_coco import load_image
+    from ort_detector import OrtDetector
+    from test_predict_export import CLASS_NAMES
+    image = load_image(os.path.join(setup["image_dir"], sorted(os.listdir(setup["image_dir"]))[0]))
+    (result,) = OrtDetector(exported).predict(image, conf_threshold=0.0, max_detections=5)
+    assert len(result["labels"]) and result.names == [CLASS_NAMES[label] for label in result["labels"].tolist()]
+    assert result.draw(image).size == (image.shape[2], image.shape[1])

@@ -225,3 +225,66 @@ def test_the_json_files_of_a_run_are_strict_json(fault_data, tmp_path):
         _strict_json(os.path.join(summary["run_dir"], name))
     written = _strict_json(os.path.join(summary["run_dir"], "summary.json"))
     assert written["best_metrics"]["AP_large"] is None and written["best_metrics"]["mAP"] is not None
+
+
+# ---- issue #26: results files and run folders -------------------------------------------------------------------
+def test_the_marked_threshold_is_a_point_on_the_pr_curve(tmp_path):
+    """Issue #26 item 8: results.png marks the operating point the calibrated threshold selects (the lowest score
+    it keeps), on the curve drawn from pr_curve.csv, labelled with the threshold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from plots import operating_point, plot_pr_curve
+    curve = {"recall": [0.1, 0.3, 0.5, 0.6, 0.8], "precision": [1.0, 0.9, 0.8, 0.6, 0.4],
+             "score": [0.9, 0.7, 0.5004, 0.3, 0.1]}
+    runs.write_pr_curve(curve, str(tmp_path / "pr_curve.csv"))
+    assert runs.read_pr_curve(str(tmp_path / "pr_curve.csv")) == curve  # floats round-trip exactly
+    assert runs.read_pr_curve(str(tmp_path / "missing.csv")) == {"recall": [], "precision": [], "score": []}
+    threshold = 0.4002  # between 0.5004 (kept) and 0.3: the third operating point
+    assert operating_point(curve, threshold) == 2
+    assert operating_point(curve, 0.1) == 4 and operating_point(curve, 0.95) is None
+    fig, ax = plt.subplots()
+    plot_pr_curve(ax, {"conf_threshold": threshold, "best_epoch": 3}, curve)
+    drawn, marker = ax.lines
+    assert drawn.get_xydata().tolist() == [[r, p] for r, p in zip(curve["recall"], curve["precision"])]
+    assert marker.get_xydata().tolist() == [[0.5, 0.8]]  # on the curve, not P/R recomputed elsewhere
+    assert "0.400" in marker.get_label() and any(text.get_text() == "0.400" for text in ax.texts)
+    plt.close(fig)
+
+
+def test_name_names_the_run_folder_and_never_reuses_one_that_holds_a_run(fault_data, tmp_path):
+    """Issue #26 item 6: --name NAME is OUTPUT_DIR/NAME for both scripts; a folder holding anything (a finished or
+    interrupted run) is refused up front, before data loads, and so are paths and --name with --resume."""
+    import finetune_single_class
+    from config import ConfigError
+    from conftest import finetune_args
+    out = tmp_path / "runs"
+    assert runs.named_run_dir(str(out), "mine", create=True) == str(out / "mine") and (out / "mine").is_dir()
+    assert runs.named_run_dir(str(out), "mine") == str(out / "mine")  # empty: usable
+    (out / "mine" / "last_model.pth").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already exists and is not an empty folder; continue that run with "
+                                          "--resume"):
+        finetune_single_class.parse_config(finetune_args(fault_data, out, **{"--name": "mine"}))
+    with pytest.raises(ConfigError, match="already exists"):
+        pretrain.resolve_config(pretrain.typed_flags(["--coco-root", str(fault_data / "coco"), "--output-dir",
+                                                      str(out), "--name", "mine"]))
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ConfigError, match="--name must be a folder name"):
+            runs.named_run_dir(str(out), bad)
+    with pytest.raises(ConfigError, match="a resumed run continues in its own"):
+        runs.resolve("finetuning", {"resume": str(fault_data / "nowhere"), "name": "x"}, finetune_single_class.LAYOUT,
+                     "finetune", ())
+
+
+def test_resuming_a_run_that_kept_its_pr_curve_in_the_summary_moves_it_to_pr_curve_csv(tmp_path):
+    """Runs from before pr_curve.csv kept the curve in summary.json (and in `last`'s summary); resumed, the curve
+    moves to pr_curve.csv and the summary they write from then on stays small."""
+    import finetune_single_class
+    curve = {"recall": [0.5, 1.0], "precision": [1.0, 0.5], "score": [0.8, 0.2]}
+    checkpoint = {"epoch": 2, "best_map": 0.4, "summary": {"best_epoch": 2, "best_pr_curve": curve}}
+    config = {"resume": str(tmp_path / "old_run" / "last_model.pth")}
+    (tmp_path / "old_run").mkdir()
+    run = runs.open_run(config, ["thing"], finetune_single_class.LAYOUT, "finetune", "thing", checkpoint)
+    run.writer.close()
+    assert "best_pr_curve" not in run.summary and run.summary["best_epoch"] == 2
+    assert runs.read_pr_curve(str(tmp_path / "old_run" / runs.PR_CURVE_FILE)) == curve
