@@ -1,23 +1,20 @@
-"""The whole toolkit in one command, on synthetic data: pretrain -> fine-tune -> compare with scratch.
+"""The toolkit's point in one command, on synthetic data: fine-tune the shipped starter, compare with scratch.
 
     python demo.py                      # minutes on 2 CPU cores (README: "The demo"); writes demo_results/
     python demo.py --out my_demo --data datasets --workers 2
 
-1. writes two synthetic data sets under --data (reused when present): cluttered multi-class scenes in
-   COCO's layout and single-class "whiteline" road scenes in the fine-tuning layout (make_synthetic_data.py);
-2. pretrains a detector on the multi-class scenes (pretrain_multi_class.py);
-3. fine-tunes it on whiteline with the three-stage recipe (finetune_single_class.py --init CHECKPOINT);
-4. fine-tunes on whiteline from random init with the same schedule (--init random), the honest baseline;
-5. evaluates both best models on the whiteline val set and writes demo_results/: predictions.png,
+1. writes a synthetic single-class data set under --data (reused when present): "whiteline" road scenes in
+   the fine-tuning layout (make_synthetic_data.py);
+2. fine-tunes the shipped lite0 starter (ImageNet backbone, then COCO classes; --init starter, the default a
+   user gets) on whiteline with the three-stage recipe and today's fine-tuning defaults;
+3. fine-tunes lite0 from random init with the same schedule (--init random), the honest baseline;
+4. evaluates both best models on the whiteline val set and writes demo_results/: predictions.png,
    transfer_curve.png and summary.md.
-The training scripts run through their public interfaces (pretraining under torchrun and the scratch arm
-as subprocesses, the pretrained arm through main(argv)), so the demo also checks them end to end. On 2+ CPUs
-the pretraining is data parallel over 2 single-thread processes, and the two fine-tuning arms run side by
-side on half the CPUs each: on a model this small two single-thread processes do far more than one with
-two threads.
+The training script runs through its public interfaces (the scratch arm as a subprocess, the pretrained arm
+through main(argv)), so the demo also checks it end to end. The two arms run side by side on half the CPUs
+each: on a model this small two single-thread processes do far more than one with two threads.
 """
 import argparse
-import concurrent.futures
 import csv
 import glob
 import json
@@ -32,11 +29,10 @@ from tqdm import tqdm
 
 import config as cfg
 import finetune_single_class
-import pretrain_multi_class
 from dataset_coco import CocoDetectionDataset, load_image, usable_cpus
 from evaluate import evaluate
 from model_lightweight import load_model
-from synthetic_data import SCENE_CLASSES, make_dataset
+from synthetic_data import make_dataset
 
 logger = logging.getLogger("demo")
 
@@ -44,22 +40,14 @@ logger = logging.getLogger("demo")
 class DemoStepFailed(cfg.TrainingFailed):
     """A training script run as a subprocess failed (exit status 1); the message says which and where its output is."""
 
-# The demo's schedule, written to OUT/demo_config.json and passed to both scripts with --config. Sized so the
-# whole demo takes minutes on 2 CPU cores: the nano model, 224/256 px inputs, short stages. The pretraining uses
-# `moderate` augmentation and batch 8: in so few epochs `strong` (and batch 16) leaves the detector too weak to
-# transfer much.
+# The demo's schedule, written to OUT/demo_config.json and passed to both arms with --config: today's
+# fine-tuning defaults (rates, frozen early backbone, EMA, augmentation) on a shorter schedule with smaller
+# inputs and fewer images, so the whole demo takes minutes on 2 CPU cores.
 DEMO_CONFIG = {
-    "pretraining": {"classes": len(SCENE_CLASSES), "model_size": "nano", "img_size": 224, "epochs": 13,
-                    "batch_size": 8, "lr_reference_batch_size": 8, "augmentation": "moderate", "warmup_iters": 60,
-                    "T_0": 13, "T_mult": 1, "eval_interval": 13, "save_interval": 100},
-    "finetuning": {"model_size": "nano", "img_size": 256, "batch_size": 8, "stage1_epochs": 1, "stage1_head_lr": 2e-3,
-                   "stage2_epochs": 1, "stage2_head_lr": 2e-3, "stage2_fpn_lr": 1e-3, "stage3_epochs": 11,
-                   "stage3_head_lr": 2e-3, "stage3_fpn_lr": 1e-3, "stage3_backbone_lr": 5e-4, "stage_warmup_iters": 20,
-                   # a nano pretrained for minutes on synthetic scenes: its early filters are not the generic
-                   # ImageNet ones that make keeping them frozen safe, so everything trains in stage 3
-                   "backbone_freeze_stride": 0},
+    "finetuning": {"model_size": "lite0", "img_size": 256, "batch_size": 8, "stage1_epochs": 1, "stage2_epochs": 1,
+                   "stage3_epochs": 4, "stage_warmup_iters": 20},
 }
-DATA_SIZES = {"coco": (600, 100), "whiteline": (300, 80)}
+DATA_SIZES = {"whiteline": (200, 80)}
 STAGE_NAMES = {1: "heads", 2: "heads+fpn", 3: "all"}
 
 
@@ -80,8 +68,6 @@ def scaled_plan(scale):
     def times(value):
         return max(1, round(value * scale))
     config = json.loads(json.dumps(DEMO_CONFIG))
-    config["pretraining"]["epochs"] = times(config["pretraining"]["epochs"])
-    config["pretraining"]["eval_interval"] = min(config["pretraining"]["eval_interval"], config["pretraining"]["epochs"])
     for stage in (1, 2, 3):
         config["finetuning"][f"stage{stage}_epochs"] = times(config["finetuning"][f"stage{stage}_epochs"])
     sizes = {kind: (max(4, round(n * scale)), max(2, round(m * scale))) for kind, (n, m) in DATA_SIZES.items()}
@@ -103,33 +89,6 @@ def parallel_share(workers=None):
     """
     threads = max(1, usable_cpus() // 2)
     return threads, (min(2, threads - 1) if workers is None else workers)
-
-
-def run_pretraining(argv, batch_size, workers=None):
-    """pretrain_multi_class.py on all CPUs. On 2 or more: data parallel under torchrun, 2 processes that
-    share the global ``batch_size`` (so the run learns as one process would), because one process with 2
-    threads is hardly faster than with 1 on a model this small. On one CPU it runs here, through main(argv).
-    Returns the best mAP, the run folder and the checkpoint paths, as main() does."""
-    processes, cpus = min(2, usable_cpus()), usable_cpus()
-    if processes < 2 or batch_size % processes:
-        return pretrain_multi_class.main(argv)
-    threads = max(1, cpus // processes)
-    output_dir = argv[argv.index("--output-dir") + 1]
-    earlier_runs = run_dirs(output_dir)
-    argv = argv + ["--batch-size", str(batch_size // processes)]
-    if workers is None:
-        argv += ["--workers", str(min(2, threads - 1))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_multi_class.py")] + argv
-    result = subprocess.run(command, env=env)  # its output (rank 0's progress) goes straight to the console
-    new = sorted(run_dirs(output_dir) - earlier_runs)
-    if result.returncode != 0 or len(new) != 1:
-        raise DemoStepFailed(f"pretraining failed (exit code {result.returncode}; its output is above): "
-                             f"{' '.join(command)}")
-    summary = cfg.load_json(os.path.join(new[0], "summary.json"), "pretraining summary")
-    return {"best_mAP": summary.get("best_metrics", {}).get("mAP"), "run_dir": new[0],
-            **{key: summary[key] for key in ("best_checkpoint", "last_checkpoint", "best_backbone", "last_backbone")}}
 
 
 def total_epochs(config):
@@ -235,8 +194,20 @@ def draw_predictions(model, dataset, path, num_images=8, conf_threshold=None):
     save_image(make_grid(tiles, nrow=4, padding=4).float() / 255, path)
 
 
-def write_summary(path, results, wall_times, pretrain, total_time):
-    lines = ["# Demo results", "", f"Whole demo: {total_time / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
+def cpu_minutes():
+    """User + system CPU time of this process and its finished children, in minutes: on a shared machine
+    the wall time says little about what the demo itself costs."""
+    try:
+        import resource
+    except ImportError:  # Windows: this process only
+        return time.process_time() / 60
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage) / 60
+
+
+def write_summary(path, results, wall_times, total_time, cpu_time):
+    lines = ["# Demo results", "", f"Whole demo: {total_time / 60:.1f} min wall, {cpu_time:.1f} CPU-minutes, on "
+             f"{os.cpu_count()} CPU cores.", "",
              "| run | mAP | mAP50 | precision | recall | F1 | best epoch | wall time |",
              "|---|---|---|---|---|---|---|---|"]
     for name, result in results.items():
@@ -248,11 +219,8 @@ def write_summary(path, results, wall_times, pretrain, total_time):
     lines += ["", f"At the last epoch ({comparison['epochs']}) the pretrained run leads by "
               f"{100 * comparison['final_lead']:.1f} mAP50 points; it reaches scratch's final mAP50 "
               f"({comparison['scratch_final']:.3f}) " + (f"at epoch {reached}." if reached else "at no epoch.")]
-    best_map = pretrain["best_mAP"]
-    lines += ["", f"Pretraining on the synthetic multi-class set: best mAP "
-              f"{'-' if best_map is None else f'{best_map:.3f}'}, "
-              f"{wall_times['pretraining']:.0f} s.", "", "Checkpoints:", "",
-              f"- pretraining: `{pretrain['best_checkpoint']}` (full), `{pretrain['best_backbone']}` (backbone)"]
+    lines += ["", "pretrained: lite0 from the shipped starter (`--init starter`); scratch: lite0 from random weights "
+              "(`--init random`).", "", "Checkpoints:", ""]
     lines += [f"- {name}: `{result['best_model']}` (best), `{result['last_model']}` (last)"
               for name, result in results.items()]
     with open(path, "w") as f:
@@ -267,29 +235,19 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     config_path = os.path.join(args.out, "demo_config.json")
     cfg.write_json_atomic(config, config_path)
-    print(f"demo: synthetic data -> pretraining -> fine-tuning (pretrained and scratch) -> {args.out}/\n"
+    print(f"demo: synthetic data -> fine-tuning (the shipped starter and scratch) -> {args.out}/\n"
           f"      minutes on 2 CPU cores, longer on fewer; schedule in {config_path}", flush=True)
 
-    print("\n== 1/5 synthetic data sets", flush=True)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(2, usable_cpus())) as pool:  # one per CPU
-        jobs = {kind: pool.submit(make_dataset, kind, os.path.join(args.data, folder), *sizes[kind], seed=args.seed)
-                for kind, folder in (("coco", "synthetic_coco"), ("whiteline", "whiteline"))}
-        (coco, _), (road, _) = jobs["coco"].result(), jobs["whiteline"].result()
+    print("\n== 1/4 synthetic data set", flush=True)
+    road, _ = make_dataset("whiteline", os.path.join(args.data, "whiteline"), *sizes["whiteline"], seed=args.seed)
 
     wall = {}
-    print("\n== 2/5 pretraining on the multi-class scenes", flush=True)
-    tic = time.perf_counter()
-    pretrain_argv = ["--coco-root", os.path.dirname(coco["train_images"]), "--config", config_path,
-                     "--output-dir", os.path.join(args.out, "pretrain")] + common_flags(args)
-    pretrain = run_pretraining(pretrain_argv, config["pretraining"]["batch_size"], args.workers)
-    wall["pretraining"] = time.perf_counter() - tic
-
     data_flags = ["--class-name", "whiteline", "--train-root", road["train_images"], "--train-ann", road["train_ann"],
                   "--val-root", road["val_images"], "--val-ann", road["val_ann"], "--config", config_path]
-    # the full pretraining checkpoint: backbone, FPN and head initialise the fine-tuning (all but the class output)
-    pretrained_flags = ["--init", pretrain["best_checkpoint"] or pretrain["last_checkpoint"]]
+    # the starter detector: backbone, FPN and head initialise the fine-tuning (all but the class output)
+    pretrained_flags = ["--init", "starter"]
     threads, workers = parallel_share(args.workers)
-    print(f"\n== 3/5 fine-tuning on whiteline, both arms side by side ({threads} torch thread(s) and {workers} "
+    print(f"\n== 2/4 fine-tuning on whiteline, both arms side by side ({threads} torch thread(s) and {workers} "
           f"loader worker(s) each): scratch in a subprocess, pretrained here", flush=True)
     tic = time.perf_counter()
     scratch_dir = os.path.join(args.out, "finetune_scratch")
@@ -309,7 +267,7 @@ def main(argv=None):
         finally:
             torch.set_num_threads(previous_threads)
         wall["pretrained"] = time.perf_counter() - tic
-        print(f"\n== 4/5 fine-tuning on whiteline: scratch (random init, same schedule; log {scratch_log})",
+        print(f"\n== 3/4 fine-tuning on whiteline: scratch (random init, same schedule; log {scratch_log})",
               flush=True)
         summaries["scratch"] = wait_for_finetune(scratch, scratch_dir, earlier_runs, scratch_log, total_epochs(config),
                                                  args.progress)
@@ -319,7 +277,7 @@ def main(argv=None):
             scratch.terminate()
             scratch.wait()
 
-    print("\n== 5/5 evaluation on the whiteline val set", flush=True)
+    print("\n== 4/4 evaluation on the whiteline val set", flush=True)
     val = CocoDetectionDataset(road["val_ann"], road["val_images"])
     results = {}
     for name, summary in summaries.items():
@@ -330,11 +288,13 @@ def main(argv=None):
     draw_predictions(load_model(summaries["pretrained"]["best_model"]), val, os.path.join(args.out, "predictions.png"))
     plot_transfer_curve({name: r["curve"] for name, r in results.items()}, os.path.join(args.out, "transfer_curve.png"))
     total = time.perf_counter() - started
-    write_summary(os.path.join(args.out, "summary.md"), results, wall, pretrain, total)
+    cpu_time = cpu_minutes()
+    write_summary(os.path.join(args.out, "summary.md"), results, wall, total, cpu_time)
     for name, r in results.items():
         print(f"{name:10s} mAP50 {r['metrics']['mAP50']:.3f}  mAP {r['metrics']['mAP']:.3f}  F1 {r['metrics']['f1']:.3f}")
-    print(f"demo finished in {total / 60:.1f} min; see {args.out}/summary.md, predictions.png, transfer_curve.png")
-    return {"results": results, "wall_times": wall, "total_time": total, "pretrain": pretrain}
+    print(f"demo finished in {total / 60:.1f} min ({cpu_time:.1f} CPU-minutes); see {args.out}/summary.md, "
+          "predictions.png, transfer_curve.png")
+    return {"results": results, "wall_times": wall, "total_time": total, "cpu_minutes": cpu_time}
 
 
 def run(argv=None):

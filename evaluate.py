@@ -361,11 +361,12 @@ def _check_original_frame(image, target):
 
 @torch.no_grad()
 def collect_detections(model, data, device=None, iou_threshold=0.6, max_detections=100,
-                       batch_size=8, num_workers=None):
+                       batch_size=8, num_workers=None, timings=None):
     """Run `model.predict` over a dataset at score threshold 0.001 and return COCO result dicts.
 
     Args, model/data/device/...: as `evaluate`. The model is put in eval mode and its previous
-    training mode restored afterwards, also on error.
+    training mode restored afterwards, also on error. `timings`: None, or a dict that gets the seconds spent
+    waiting for the loader (decoding, "decode") and model.predict's phases (see speed_ms).
 
     Returns:
         list of COCO result dicts (see `predictions_to_coco`), the input of `coco_metrics` and
@@ -380,8 +381,9 @@ def collect_detections(model, data, device=None, iou_threshold=0.6, max_detectio
     was_training = model.training
     model.eval()
     detections = []
+    timing = {"timings": timings} if timings is not None else {}  # a model without timing still evaluates
     try:
-        for batch in loader:
+        for batch in timed_iter(loader, timings, "decode"):
             images, targets = batch if batch is not None else ([], [])
             if not len(images):
                 continue
@@ -389,12 +391,54 @@ def collect_detections(model, data, device=None, iou_threshold=0.6, max_detectio
                 _check_original_frame(image, target)
             results = model.predict([image.to(device) for image in images],
                                     conf_threshold=MAP_SCORE_THRESHOLD, iou_threshold=iou_threshold,
-                                    max_detections=max_detections)
+                                    max_detections=max_detections, **timing)
             image_ids = [int(target["image_id"]) for target in targets]
             detections.extend(predictions_to_coco(results, image_ids, dataset.category_ids))
     finally:
         model.train(was_training)
     return detections
+
+
+def timed_iter(iterable, timings, phase):
+    """The items of `iterable`, the seconds spent waiting for each (decoding, in a loader) added to
+    timings[phase]; `iterable` itself for `timings` None."""
+    if timings is None:
+        yield from iterable
+        return
+    start = time.perf_counter()
+    iterator = iter(iterable)
+    for item in iterator:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+        yield item
+        start = time.perf_counter()
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+SPEED_SIZES_SHOWN = 3  # input sizes named in the Speed line
+SPEED_PHASES = {"preprocess": ("decode", "preprocess"), "network": ("network",), "postprocess": ("postprocess",)}
+
+
+def speed_ms(timings):
+    """Milliseconds per image of each phase in `timings` (decoding counts as preprocessing), as Ultralytics'
+    "Speed:" line: {"preprocess", "network", "postprocess"}; None when no image was predicted."""
+    images = sum(timings.get("input_sizes", {}).values())
+    if not images:
+        return None
+    return {name: 1000 * sum(timings.get(key, 0.0) for key in keys) / images for name, keys in SPEED_PHASES.items()}
+
+
+def speed_line(timings):
+    """'Speed: A ms decode+preprocess, B ms network, C ms postprocess per image (WxH input, N images)', in
+    Ultralytics' manner: the network's input sizes (W x H, rectangular letterboxes differ by aspect), the commonest
+    first."""
+    speed, sizes = speed_ms(timings), timings.get("input_sizes", collections.Counter())
+    if speed is None:
+        return "Speed: no images predicted"
+    shown = [f"{width}x{height}" for (width, height), _ in sizes.most_common(SPEED_SIZES_SHOWN)]
+    more = ", ..." if len(sizes) > SPEED_SIZES_SHOWN else ""
+    return (f"Speed: {speed['preprocess']:.1f} ms decode+preprocess, {speed['network']:.1f} ms network, "
+            f"{speed['postprocess']:.1f} ms postprocess per image ({', '.join(shown)}{more} input, "
+            f"{sum(sizes.values())} images)")
 
 
 def evaluate(model, data, device=None, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
@@ -503,9 +547,15 @@ def _scored_dataset(args, class_names):
     records by the loader its training used, so the images are exactly those it validated on."""
     import dataset_coco  # lazy: only the CLI needs the dataset and run modules
     if args.run is None:
+        from annotations import read_annotations
+        from config import data_yaml_val
+        ann, source = args.ann, str(args.ann)
+        if data_yaml_val(args.ann):  # a data.yaml is scored on its val images, as Ultralytics' val does, not train
+            data, root, _ = read_annotations(args.ann, args.root, split="val")
+            ann, args.root, source = {**data, "info": {"source": f"{args.ann} (val)"}}, root, f"{args.ann} (val)"
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
-            dataset = dataset_coco.CocoDetectionDataset(args.ann, args.root, classes=class_names, transforms=None)
-        return dataset, str(args.ann)
+            dataset = dataset_coco.CocoDetectionDataset(ann, args.root, classes=class_names, transforms=None)
+        return dataset, source
     import runs
     data = runs.run_data(args.run)
     bad = {"max_missing_fraction": data["config"]["max_bad_image_fraction"]} \
@@ -580,14 +630,17 @@ def main(argv=None):
     print(f"{source}: {len(dataset.image_ids)} images")
     if args.ann is not None:
         _warn_if_trained_on(args, dataset)
+    timings = {}
     detections = collect_detections(model, dataset, args.device if args.backend != "onnxruntime" else "cpu", args.iou,
-                                    batch_size=args.batch_size, num_workers=0)
+                                    batch_size=args.batch_size, num_workers=0, timings=timings)
     metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,
                            dataset.class_names, args.conf)
     print(format_metrics(metrics))
     if args.save_json:
         write_json_atomic(detections, args.save_json, indent=None)
         logger.info("wrote %d detections to %s", len(detections), args.save_json)
+    metrics["speed_ms"] = speed_ms(timings)
+    print(speed_line(timings))
     return metrics
 
 

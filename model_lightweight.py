@@ -22,6 +22,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from functools import partial
 
 import torch
@@ -377,7 +378,7 @@ class LightweightDetector(nn.Module):
         return select_detections(scores, boxes, conf_threshold, iou_threshold, max_detections)
 
     @torch.no_grad()
-    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100):
+    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100, timings=None):
         """Detect objects in images of any size.
 
         Each image is letterboxed (longer side to `img_size`, padded to the next multiple of 32: 320x256 for a
@@ -389,6 +390,9 @@ class LightweightDetector(nn.Module):
                 [0, 255] or float in [0, 1].
             conf_threshold: keep detections scoring at least it; None: `self.conf_threshold` (a fine-tuned
                 checkpoint's calibrated threshold, else DEFAULT_CONF_THRESHOLD).
+            timings: None, or a dict that phase_timer fills: seconds of letterbox ("preprocess"), the network
+                ("network") and decoding, NMS and mapping back ("postprocess"), added to what it holds, and the
+                images per network input size ("input_sizes", count_inputs): predict.py and evaluate.py print them.
         Returns:
             one Detections (a dict) per image: "boxes" float32 (N, 4) xyxy in that image's original pixels,
             "scores" (N,), "labels" int64 (N,) in 0..num_classes-1; `.names` (from `self.class_names`, which
@@ -399,11 +403,16 @@ class LightweightDetector(nn.Module):
         if conf_threshold is None:
             conf_threshold = self.conf_threshold
         network = self if self._fused else self._fused_copy.get(self)
+        tick = phase_timer(timings, self.pixel_mean.device)
+        groups = tick("preprocess", letterbox_groups(images, self.img_size, self.pixel_mean.device))
+        count_inputs(timings, groups)
         results = [None] * len(images)
-        for indices, batch, ratios in letterbox_groups(images, self.img_size, self.pixel_mean.device):
-            found = network.postprocess(network(batch), conf_threshold, iou_threshold, max_detections)
+        for indices, batch, ratios in groups:
+            outputs = tick("network", network(batch))
+            found = network.postprocess(outputs, conf_threshold, iou_threshold, max_detections)
             for index, result in zip(indices, unletterbox(found, ratios, [images[i].shape[-2:] for i in indices])):
                 results[index] = result
+            tick("postprocess")
         return [Detections(**result, class_names=getattr(self, "class_names", None)) for result in results]
 
     def fuse(self):
@@ -614,6 +623,34 @@ def letterbox_groups(images, img_size, device="cpu", rect=True):
         groups.setdefault(tuple(image.shape[-2:]), []).append(index)
     return [(indices, torch.stack([boxed[i][0] for i in indices]), [boxed[i][1] for i in indices])
             for indices in groups.values()]
+
+
+def phase_timer(timings, device=None):
+    """tick(phase, value=None): adds the seconds since the previous tick (or this call) to timings[phase] and
+    returns `value`, so it wraps the call it times. CUDA is synchronised first: its kernels run asynchronously and
+    would be billed to the next phase. A no-op for `timings` None, so the default path pays nothing."""
+    if timings is None:
+        return lambda phase, value=None: value
+    cuda = torch.device(device).type == "cuda" if device is not None else False
+    last = time.perf_counter()
+
+    def tick(phase, value=None):
+        nonlocal last
+        if cuda:
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + now - last
+        last = now
+        return value
+    return tick
+
+
+def count_inputs(timings, groups):
+    """Count letterbox_groups' images per network input size, (width, height), in timings["input_sizes"]."""
+    if timings is not None:
+        sizes = timings.setdefault("input_sizes", collections.Counter())
+        for indices, batch, _ in groups:
+            sizes[(batch.shape[-1], batch.shape[-2])] += len(indices)
 
 
 def unletterbox(results, ratios, sizes):

@@ -17,7 +17,8 @@ import tempfile
 import numpy as np
 import torch
 
-from model_lightweight import DEFAULT_CONF_THRESHOLD, Detections, letterbox_groups, select_detections, unletterbox
+from model_lightweight import (DEFAULT_CONF_THRESHOLD, Detections, count_inputs, letterbox_groups, phase_timer,
+                               select_detections, unletterbox)
 
 logger = logging.getLogger(__name__)
 
@@ -156,23 +157,27 @@ class OrtDetector:
         self.conf_threshold = float(self.sidecar.get("postprocess", {}).get("calibrated_conf_threshold")
                                     or DEFAULT_CONF_THRESHOLD)
 
-    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100):
+    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100, timings=None):
         """As LightweightDetector.predict: per image a Detections, boxes (N, 4) xyxy in original pixels, scores,
-        labels, and the sidecar's class names."""
+        labels, and the sidecar's class names; `timings` filled alike."""
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
         if conf_threshold is None:
             conf_threshold = self.conf_threshold
+        tick = phase_timer(timings)
+        groups = tick("preprocess", letterbox_groups(images, self.img_size, rect=self.rect))
+        count_inputs(timings, groups)
         results = [None] * len(images)
-        for indices, batch, ratios in letterbox_groups(images, self.img_size, rect=self.rect):
+        for indices, batch, ratios in groups:
             for start in range(0, len(indices), self.fixed_batch or len(indices)):
                 rows = slice(start, start + (self.fixed_batch or len(indices)))
-                boxes, scores = self(batch[rows])
+                boxes, scores = tick("network", self(batch[rows]))
                 found = select_detections(torch.from_numpy(scores), torch.from_numpy(boxes), conf_threshold,
                                           iou_threshold, max_detections)
                 sizes = [images[i].shape[-2:] for i in indices[rows]]
                 for index, result in zip(indices[rows], unletterbox(found, ratios[rows], sizes)):
                     results[index] = result
+                tick("postprocess")
         return [Detections(**result, class_names=self.class_names) for result in results]
 
     # what evaluate() calls on a torch model

@@ -7,7 +7,8 @@ to) marked at its operating point on the curve. Fine-tuning's stage boundaries a
 
 Drawn detections stay readable on any photo (issue #26): box lines and label text scale with the image, labels
 are "name 0.87" in DejaVu Sans on a filled rectangle of the box's colour, the text black or white, whichever
-contrasts more with it.
+contrasts more with it. val_predictions.jpg (fine-tuning's best epoch) shows val images as ground truth | predictions
+side by side (truth_and_prediction, prediction_grid): people look before they read.
 """
 import functools
 import logging
@@ -155,7 +156,8 @@ def draw_detections(image, boxes, labels, scores, class_names=None, colours=None
 
     Args:
         image: what as_picture takes (the image the boxes were predicted on).
-        boxes: (N, 4) xyxy in the image's pixels; labels (N,) class indices; scores (N,).
+        boxes: (N, 4) xyxy in the image's pixels; labels (N,) class indices; scores (N,), or None for ground
+            truth (the label is the name alone).
         class_names: name per class index (None: the index).
         colours: a colour per detection (default: PALETTE by class).
     Returns:
@@ -163,6 +165,7 @@ def draw_detections(image, boxes, labels, scores, class_names=None, colours=None
     """
     picture = as_picture(image)
     width, height = picture.size
+    scores = [None] * len(labels) if scores is None else scores
     boxes, labels, scores = [v.tolist() if hasattr(v, "tolist") else list(v) for v in (boxes, labels, scores)]
     colours = colours or [PALETTE[int(label) % len(PALETTE)] for label in labels]
     draw = ImageDraw.Draw(picture)
@@ -173,8 +176,53 @@ def draw_detections(image, boxes, labels, scores, class_names=None, colours=None
         draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colours[i], width=thickness)
     for i in order:
         name = class_names[int(labels[i])] if class_names is not None else str(int(labels[i]))
-        _draw_label(draw, f"{name} {scores[i]:.2f}", boxes[i][:2], colours[i], font, (width, height))
+        text = name if scores[i] is None else f"{name} {scores[i]:.2f}"
+        _draw_label(draw, text, boxes[i][:2], colours[i], font, (width, height))
     return picture
+
+
+TRUTH_COLOUR = "#00C853"  # ground truth is green, whatever its class: the predictions carry the class colours
+PANEL_HEIGHT = 480  # px, each image of val_predictions.jpg: eight pairs stay one screenful at 2 pairs a row
+GRID_BACKGROUND = (40, 40, 40)
+
+
+def truth_and_prediction(image, target, prediction, class_names, conf_threshold, height=PANEL_HEIGHT):
+    """One image as two panels side by side, resized to `height` px before drawing (so lines and labels are sized
+    for what is shown): the ground truth (target "boxes_xyxy", "labels") in green | the prediction's boxes (a
+    model.predict result, "boxes", "labels", "scores") in the class colours with scores, each panel titled.
+
+    Returns:
+        an RGB PIL image, (2 * the resized width) x `height`.
+    """
+    picture = as_picture(image)
+    scale = height / picture.height
+    picture = picture.resize((max(1, round(picture.width * scale)), height), Image.BILINEAR)
+    boxes = [[v * scale for v in box] for box in target["boxes_xyxy"].tolist()]
+    truth = draw_detections(picture, boxes, target["labels"], None, class_names,
+                            colours=[TRUTH_COLOUR] * len(boxes))
+    predicted = draw_detections(picture, [[v * scale for v in box] for box in prediction["boxes"].tolist()],
+                                prediction["labels"], prediction["scores"], class_names)
+    pair = Image.new("RGB", (2 * picture.width, height))
+    for x, panel, title in ((0, truth, f"ground truth: {len(boxes)}"),
+                            (picture.width, predicted, f"predicted >= {conf_threshold:.3f}: "
+                                                       f"{len(prediction['scores'])}")):
+        font = label_font(font_size(height, picture.width))
+        _draw_label(ImageDraw.Draw(panel), title, (0, 0), "#202020", font, panel.size)
+        pair.paste(panel, (x, 0))
+    return pair
+
+
+def prediction_grid(pairs, columns=2, gap=8):
+    """truth_and_prediction pictures in a grid, `columns` pairs a row, left-aligned in cells of the widest."""
+    cell_width, cell_height = max(p.width for p in pairs), max(p.height for p in pairs)
+    rows = math.ceil(len(pairs) / columns)
+    columns = min(columns, len(pairs))
+    grid = Image.new("RGB", (columns * cell_width + (columns - 1) * gap, rows * cell_height + (rows - 1) * gap),
+                     GRID_BACKGROUND)
+    for index, pair in enumerate(pairs):
+        row, column = divmod(index, columns)
+        grid.paste(pair, (column * (cell_width + gap), row * (cell_height + gap)))
+    return grid
 
 
 def _draw_label(draw, text, corner, colour, font, size):

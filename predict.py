@@ -43,7 +43,8 @@ from tqdm import tqdm
 from config import run_cli, write_json_atomic
 from annotations import index_coco, read_annotations
 from dataset_coco import CocoDetectionDataset, load_image
-from evaluate import MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco
+from evaluate import (MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco,
+                      speed_line, speed_ms, timed_iter)
 from ort_detector import ModelLoadError, load_detector
 from plots import draw_detections
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
@@ -260,18 +261,22 @@ def _match_image(path, by_base, ann_path):
 # ---------------------------------------------------------------------------------------------- prediction
 
 def predict_images(model, paths, skipped, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
-                   batch_size=8, workers=0, progress=True):
+                   batch_size=8, workers=0, progress=True, timings=None):
     """Yield (index, uint8 (3, H, W) image, CPU result of model.predict) per readable path, in batches with
-    a progress bar; unreadable paths are logged and appended to `skipped`."""
+    a progress bar; unreadable paths are logged and appended to `skipped`. `timings`: None, or a dict that gets
+    the seconds spent waiting for decoded images ("decode") and model.predict's phases (evaluate.speed_ms)."""
     loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
+    bar = tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr)
+    timing = {"timings": timings} if timings is not None else {}
+    for batch in timed_iter(bar, timings, "decode"):
         for index, _, error in (item for item in batch if item[1] is None):
             logger.warning("skipped unreadable image %s: %s", paths[index], error)
             skipped.append(paths[index])
         batch = [item for item in batch if item[1] is not None]
         if batch:
-            results = model.predict([image for _, image, _ in batch], conf_threshold, iou_threshold, max_detections)
+            results = model.predict([image for _, image, _ in batch], conf_threshold, iou_threshold, max_detections,
+                                    **timing)
             for (index, image, _), result in zip(batch, results):
                 yield index, image, {key: value.cpu() for key, value in result.items()}
 
@@ -476,7 +481,9 @@ def main(argv=None):
 
     Returns:
         dict with "images" (predicted), "skipped" (unreadable paths), "detections" (saved at --conf), "videos"
-        ({path: {"frames", "detections"}}), "save_dir", "predictions_json" and, with --ann, "metrics".
+        ({path: {"frames", "detections"}}), "save_dir", "predictions_json", "speed_ms" (milliseconds per image
+        of the images, not videos: {"preprocess" (with decoding), "network", "postprocess"}, evaluate.speed_ms;
+        None without images) and, with --ann, "metrics".
     """
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -512,20 +519,24 @@ def main(argv=None):
         args.conf = model.conf_threshold
         logger.info("score threshold %.3f (the checkpoint's; --conf overrides it)", args.conf)
     summary = {"images": 0, "skipped": [], "detections": 0, "videos": {}, "save_dir": save_dir,
-               "predictions_json": None}
+               "predictions_json": None, "speed_ms": None}
+    timings = {}
     if paths:
-        summary.update(predict_folder(model, paths, names, image_stems, save_dir, args, class_names))
+        summary.update(predict_folder(model, paths, names, image_stems, save_dir, args, class_names, timings))
     for video, stem in zip(videos, video_stems):
         frames, detections = predict_video(model, video, save_dir, args, class_names, args.progress, stem)
         summary["videos"][video] = {"frames": frames, "detections": detections}
         print(f"{video}: {frames} frames, {detections} detections at conf >= {args.conf:g}: "
               f"{os.path.join(save_dir, stem)}.mp4 and .json")
+    if paths:  # the last line, as Ultralytics' "Speed:"
+        summary["speed_ms"] = speed_ms(timings)
+        print(speed_line(timings))
     return summary
 
 
-def predict_folder(model, paths, names, stems, save_dir, args, class_names):
+def predict_folder(model, paths, names, stems, save_dir, args, class_names, timings=None):
     """The images of a run: drawn copies (STEM.EXT), predictions.json (file_name: the name), YOLO txt labels
-    (labels/STEM.txt), and the scores against --ann; `stems` from output_stems."""
+    (labels/STEM.txt), and the scores against --ann; `stems` from output_stems, `timings` as predict_images."""
     if args.ann:
         coco, category_ids, image_ids = coco_ids(args.ann, paths, class_names)
     else:
@@ -535,7 +546,7 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names):
     predict_conf = min(args.conf, MAP_SCORE_THRESHOLD) if args.ann else args.conf
     saved, all_detections, predicted, skipped = [], [], [], []
     images = predict_images(model, paths, skipped, predict_conf, args.iou, args.max_det, args.batch_size,
-                            args.workers, args.progress)
+                            args.workers, args.progress, timings)
     for index, image, result in images:
         all_detections += predictions_to_coco([result], [image_ids[index]], category_ids)
         result = above(result, args.conf)

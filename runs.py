@@ -29,7 +29,7 @@ from config import ConfigError, check_types, file_values, load_json, resumed, sc
 from dataset_coco import build_dataloader, coco_layout_paths, load_train_val, resolve_image_path
 from evaluate import evaluate
 from losses import DetectionLoss
-from plots import plot_results
+from plots import PANEL_HEIGHT, plot_results, prediction_grid, truth_and_prediction
 from backbone_efficientnet import MissingWeightsPackageError
 from model_lightweight import (DEFAULT_CONF_THRESHOLD, LAYER_GROUPS, create_lightweight_model, load_init, model_checkpoint,
                                save_checkpoint)
@@ -399,6 +399,8 @@ def finish_epoch(run, state, stage, epoch, train_metrics, val_dataset, started, 
         write_pr_curve(metrics["pr_curve"], os.path.join(run.run_dir, PR_CURVE_FILE))
     run.summary.update(run_dir=run.run_dir, last_epoch=epoch, last_metrics=row)
     save_epoch(run, state, stage, epoch, metrics, is_best)
+    if is_best:
+        write_val_predictions(run, model, val_dataset)
     write_json_atomic(run.summary, os.path.join(run.run_dir, "summary.json"))
     if evaluated:
         plot_results(run.log.rows, run.summary, os.path.join(run.run_dir, "results.png"),
@@ -608,22 +610,48 @@ class MetricsLog:
 
 
 def log_validation_images(writer, model, dataset, step, class_names, num_images=4, conf_threshold=0.3):
-    """Draw the model's boxes (green) and the ground truth (red) on the first val images for TensorBoard."""
-    from torchvision.utils import draw_bounding_boxes
-    count = min(num_images, len(dataset))
-    if writer is None or count == 0:
+    """The first val images as ground truth | predictions (val_prediction_pairs) for TensorBoard."""
+    if writer is None:
         return
-    images, targets = zip(*(dataset[i] for i in range(count)))
+    from torchvision.transforms.functional import pil_to_tensor
+    for i, pair in enumerate(val_prediction_pairs(model, dataset, class_names, conf_threshold, num_images,
+                                                  height=TENSORBOARD_PANEL_HEIGHT)):
+        writer.add_image(f"val/image_{i}", pil_to_tensor(pair), step)
+
+
+VAL_PREDICTIONS_FILE = "val_predictions.jpg"
+VAL_PREDICTIONS_IMAGES = 8
+TENSORBOARD_PANEL_HEIGHT = 320  # smaller than the file's: TensorBoard keeps every epoch's images
+
+
+def val_prediction_pairs(model, dataset, class_names, conf_threshold, num_images, height=PANEL_HEIGHT):
+    """plots.truth_and_prediction of the first `num_images` readable val images (the same ones every epoch, so
+    epochs compare), predicted at `conf_threshold`."""
+    items = []
+    for index in range(len(dataset)):
+        if len(items) == num_images:
+            break
+        item = dataset[index]  # None for an unreadable image (the dataset warned)
+        if item is not None:
+            items.append(item)
+    if not items:
+        return []
+    images, targets = zip(*items)
     predictions = model.predict(list(images), conf_threshold=conf_threshold)
-    for i, (image, target, prediction) in enumerate(zip(images, targets, predictions)):
-        canvas = image
-        if len(target["boxes_xyxy"]):
-            canvas = draw_bounding_boxes(canvas, target["boxes_xyxy"], colors="red")
-        if len(prediction["boxes"]):
-            labels = [f"{class_names[int(label)]} {score:.2f}"
-                      for label, score in zip(prediction["labels"], prediction["scores"])]
-            canvas = draw_bounding_boxes(canvas, prediction["boxes"].cpu(), labels=labels, colors="lime")
-        writer.add_image(f"val/image_{i}", canvas, step)
+    return [truth_and_prediction(image, target, prediction, class_names, conf_threshold, height)
+            for image, target, prediction in zip(images, targets, predictions)]
+
+
+def write_val_predictions(run, model, dataset):
+    """RUN/val_predictions.jpg for the best epoch: up to VAL_PREDICTIONS_IMAGES val images, ground truth | the
+    predictions at the calibrated threshold, two pairs a row; people look at it before they read the numbers."""
+    pairs = val_prediction_pairs(model, dataset, run.class_names, run.summary["conf_threshold"],
+                                 VAL_PREDICTIONS_IMAGES)
+    if pairs:
+        path = os.path.join(run.run_dir, VAL_PREDICTIONS_FILE)
+        tmp = path + ".tmp.jpg"  # the old picture stays until the new one is whole
+        prediction_grid(pairs).save(tmp, quality=90)
+        os.replace(tmp, path)
 
 
 def describe_trainable(model):

@@ -24,12 +24,13 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(tmp_path):
         assert 0.0 <= run["metrics"]["mAP50"] <= 1.0
         epochs, map50, stages = run["curve"]
         assert epochs == sorted(epochs) and set(stages) == {1, 2, 3}
-    # the pretrained arm started from the pretraining run's full checkpoint, the scratch arm from nothing
+    # the pretrained arm started from the shipped starter, as a user's first fine-tuning does; the scratch arm
+    # from nothing; both the same lite0 with the same schedule
     pretrained = json.loads((Path(result["results"]["pretrained"]["best_model"]).parent / "config.json").read_text())
     scratch = json.loads((Path(result["results"]["scratch"]["best_model"]).parent / "config.json").read_text())
-    assert pretrained["init"] in (result["pretrain"]["best_checkpoint"],
-                                                 result["pretrain"]["last_checkpoint"])
-    assert scratch["init"] == "random"
+    assert pretrained["init"] == "starter" and scratch["init"] == "random"
+    assert pretrained["model_size"] == scratch["model_size"] == "lite0"
+    assert "CPU-minutes" in summary and result["cpu_minutes"] > 0
 
 
 @pytest.mark.slow
@@ -49,3 +50,13 @@ def test_transfer_comparison_reads_the_two_verdicts_off_the_curves():
     assert comparison["reaches_scratch_final_at"] == 3 and abs(comparison["final_lead"] - 0.25) < 1e-9
     curves["scratch"] = ([1, 2, 3, 4], [0.0, 0.1, 0.4, 0.9], stages)  # scratch ends higher: never reached
     assert demo.transfer_comparison(curves)["reaches_scratch_final_at"] is None
+
+
+def test_the_demo_fine_tunes_with_todays_defaults():
+    """The demo shows what a user gets: lite0 and the shipped defaults' rates, freezing and augmentation; only
+    the schedule's length, input size and batch are its own (so it fits minutes on 2 cores)."""
+    config, sizes = demo.scaled_plan(1.0)
+    assert config["finetuning"]["model_size"] == "lite0"
+    assert set(config["finetuning"]) <= {"model_size", "img_size", "batch_size", "stage_warmup_iters",
+                                         "stage1_epochs", "stage2_epochs", "stage3_epochs"}
+    assert set(sizes) == {"whiteline"}

@@ -587,3 +587,43 @@ def test_the_pr_curve_has_every_operating_point_and_the_best_f1_threshold_lies_o
     index = operating_point(curve, metrics["best_f1_threshold"])
     assert (curve["recall"][index], curve["precision"][index]) == pytest.approx(
         (metrics["best_f1_recall"], metrics["best_f1_precision"]), abs=1e-12)
+
+
+def test_evaluate_ann_data_yaml_scores_its_val_images_not_train(tmp_path, capsys):
+    """A data.yaml read as annotations means its val entry, as Ultralytics' val does; read as train data it scored
+    the training images without a word."""
+    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    from test_annotations import write_data_yaml, write_yolo_split
+    write_yolo_split(tmp_path / "ds" / "train", {"a": ["0 0.5 0.5 0.5 0.5"], "b": ["0 0.3 0.3 0.2 0.2"],
+                                                  "c": ["0 0.6 0.6 0.3 0.3"]})
+    write_yolo_split(tmp_path / "ds" / "valid", {"d": ["0 0.5 0.5 0.25 0.25"]})
+    data_yaml = write_data_yaml(tmp_path / "ds" / "data.yaml", train="train/images", val="valid/images")
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "model.pth")
+    names = ["kangaroo"]
+    save_checkpoint(model_checkpoint(create_lightweight_model(1, "nano", img_size=64), names), checkpoint)
+    evaluate.main(["--checkpoint", checkpoint, "--ann", str(data_yaml), "--device", "cpu"])
+    assert f"{data_yaml} (val): 1 images" in capsys.readouterr().out
+
+
+def test_evaluate_cli_ends_with_the_time_per_image_of_each_phase(make_coco, tmp_path, capsys):
+    """Issue #26 item 6: evaluate.py's last line is the time per image of decode+preprocess, network and
+    postprocess, with the network's input size (a 4:3 image at 64 px is 64x64 after padding to 32s, a 2:1 one
+    64x32); metrics["speed_ms"] holds the numbers, which add up to no more than the wall time."""
+    import time
+    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60), (3, "c.jpg", 96, 48)],
+                                     [(1, 5, [4, 4, 20, 20]), (2, 5, [30, 20, 30, 30])])
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "model.pth")
+    save_checkpoint(model_checkpoint(create_lightweight_model(1, "nano", img_size=64), ["cat"]), checkpoint)
+    start = time.perf_counter()
+    metrics = evaluate.main(["--checkpoint", checkpoint, "--ann", ann_path, "--root", image_root, "--device", "cpu",
+                             "--batch-size", "2"])
+    wall_per_image = 1000 * (time.perf_counter() - start) / 3
+    speed = metrics["speed_ms"]
+    assert set(speed) == {"preprocess", "network", "postprocess"} and all(v > 0 for v in speed.values()), speed
+    assert sum(speed.values()) <= wall_per_image
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == (f"Speed: {speed['preprocess']:.1f} ms decode+preprocess, {speed['network']:.1f} ms network, "
+                         f"{speed['postprocess']:.1f} ms postprocess per image (64x64, 64x32 input, 3 images)")

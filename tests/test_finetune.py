@@ -362,14 +362,16 @@ def test_patience_cuts_the_stage_plan_and_the_summary_says_why(data, tmp_path, m
 def test_epochs_1_runs_stage_3_alone_and_writes_the_results_files(data, tmp_path, capsys):
     """Issue #26 items 7, 8 and 6: --epochs 1 trains stage 3 alone, one line naming each skipped stage; the run
     writes best/last, summary.json without the PR curve, pr_curve.csv (every operating point) and results.png, in
-    OUTPUT_DIR/NAME; the last line repeats the best metrics, the threshold and best_model.pth."""
+    OUTPUT_DIR/NAME, and val_predictions.jpg; the last line repeats the best metrics, the threshold and
+    best_model.pth."""
     summary = finetune.main(base_args(data, tmp_path) + ["--epochs", "1", "--name", "smoke"])
     err = capsys.readouterr().err
     run_dir = tmp_path / "smoke"
     assert summary["run_dir"] == str(run_dir)
     assert "stage 1 (heads) has 0 epochs: skipped" in err and "stage 2 (heads+fpn) has 0 epochs: skipped" in err
     assert [(int(r["epoch"]), int(r["stage"])) for r in csv.DictReader(open(run_dir / "metrics.csv"))] == [(1, 3)]
-    for name in ("best_model.pth", "last_model.pth", "summary.json", "pr_curve.csv", "results.png"):
+    for name in ("best_model.pth", "last_model.pth", "summary.json", "pr_curve.csv", "results.png",
+                 "val_predictions.jpg"):
         assert (run_dir / name).is_file(), name
     written = json.loads((run_dir / "summary.json").read_text())
     assert "pr_curve" not in json.dumps(written) and written["best_model"] == str(run_dir / "best_model.pth")

@@ -210,3 +210,24 @@ def test_the_ort_detector_returns_named_detections_that_draw(setup, exported):
     (result,) = OrtDetector(exported).predict(image, conf_threshold=0.0, max_detections=5)
     assert len(result["labels"]) and result.names == [CLASS_NAMES[label] for label in result["labels"].tolist()]
     assert result.draw(image).size == (image.shape[2], image.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+@pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
+def test_predict_ends_with_the_time_per_image_of_each_phase(setup, exported, tmp_path, capsys, backend):
+    """Issue #26 item 6: the last line is Ultralytics' "Speed:", per image: decode+preprocess, network and
+    postprocess, on both backends; the numbers come back in the summary and add up to no more than the wall time."""
+    import time
+    checkpoint = setup["checkpoint"] if backend == "pytorch" else exported
+    argv = predict_args(setup, setup["image_dir"], tmp_path / "out", "--backend", backend, "--batch-size", "3")
+    argv[argv.index("--checkpoint") + 1] = checkpoint
+    start = time.perf_counter()
+    summary = predict.main(argv)
+    wall_per_image = 1000 * (time.perf_counter() - start) / summary["images"]
+    speed = summary["speed_ms"]
+    assert set(speed) == {"preprocess", "network", "postprocess"} and all(v > 0 for v in speed.values()), speed
+    assert sum(speed.values()) <= wall_per_image
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == (f"Speed: {speed['preprocess']:.1f} ms decode+preprocess, {speed['network']:.1f} ms network, "
+                         f"{speed['postprocess']:.1f} ms postprocess per image (64x64 input, 4 images)")

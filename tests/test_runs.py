@@ -288,3 +288,40 @@ def test_resuming_a_run_that_kept_its_pr_curve_in_the_summary_moves_it_to_pr_cur
     run.writer.close()
     assert "best_pr_curve" not in run.summary and run.summary["best_epoch"] == 2
     assert runs.read_pr_curve(str(tmp_path / "old_run" / runs.PR_CURVE_FILE)) == curve
+
+
+class FixedDetector:
+    """Predicts one box per image, class 0 at score 0.9, at the top-left quarter of the image."""
+
+    def predict(self, images, conf_threshold=None):
+        self.conf_threshold = conf_threshold
+        return [{"boxes": torch.tensor([[0.0, 0.0, image.shape[-1] / 2, image.shape[-2] / 2]]),
+                 "scores": torch.tensor([0.9]), "labels": torch.tensor([0])} for image in images]
+
+
+def test_the_best_epoch_writes_val_images_with_truth_beside_predictions(make_coco, tmp_path):
+    """Issue #26 item 6: RUN/val_predictions.jpg shows up to 8 val images, each 480 px tall as two panels, the
+    ground truth in green | the predictions at the calibrated threshold in the class colour, two pairs a row."""
+    import types
+    import numpy as np
+    from PIL import Image, ImageColor
+    from dataset_coco import CocoDetectionDataset
+    from plots import PALETTE, PANEL_HEIGHT, TRUTH_COLOUR
+    images = [(i, f"{i}.jpg", 64, 48) for i in range(1, 11)]  # 4:3 at 480 px tall: 640 wide
+    ann_path, image_root = make_coco([(3, "cat")], images, [(i, 3, [32, 24, 24, 16]) for i in range(1, 11)])
+    dataset = CocoDetectionDataset(ann_path, image_root, transforms=None)
+    run = types.SimpleNamespace(run_dir=str(tmp_path), class_names=["cat"], summary={"conf_threshold": 0.42})
+    model = FixedDetector()
+    runs.write_val_predictions(run, model, dataset)
+    assert model.conf_threshold == 0.42
+    grid = np.asarray(Image.open(tmp_path / runs.VAL_PREDICTIONS_FILE).convert("RGB")).astype(int)
+    pair_width, gap = 2 * 640, 8
+    assert grid.shape == (4 * PANEL_HEIGHT + 3 * gap, 2 * pair_width + gap, 3)  # 8 of the 10 images
+
+    def close(pixel, colour):
+        return np.abs(pixel - np.array(ImageColor.getrgb(colour))).max() < 40  # JPEG
+    for top, left in ((0, 0), (PANEL_HEIGHT + gap, pair_width + gap)):  # the first pair and the fourth
+        truth_edge = grid[top + 300, left + 320 + 1]  # the left edge of the box (32, 24)-(56, 40), scaled by 10
+        predicted_edge = grid[top + 120, left + 640 + 1]  # the left edge of the prediction (0, 0)-(32, 24)
+        assert close(truth_edge, TRUTH_COLOUR) and close(predicted_edge, PALETTE[0])
+        assert close(grid[top + 300, left + 640 + 320 + 1], "#808080")  # no truth drawn on the prediction panel
