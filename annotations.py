@@ -8,9 +8,12 @@
 The format is told by the path: a .json file, a folder of .xml files (or with Annotations/ or annots/ in it), a
 data.yaml, or a folder of .txt labels. Every format becomes the same records, a COCO dict (images with file names
 relative to the image root, xywh pixel boxes, categories), which pycocotools indexes in memory for the dataset and
-for COCOeval: nothing is written to disk unless `write_coco` is asked to. Pascal VOC's `difficult` objects become
-COCO crowd boxes (ignored in training and evaluation alike); its 1-based pixel corners become COCO's 0-based
-coordinates, as Detectron2 reads them.
+for COCOeval. This module writes nothing and imports none of the toolkit's (config.write_json_atomic saves a COCO
+dict). Pascal VOC's `difficult` objects become COCO crowd boxes (ignored in training and evaluation alike); its
+1-based pixel corners become COCO's 0-based coordinates, as Detectron2 reads them.
+
+IMAGE_EXTENSIONS is the one list of image files every command reads (training, predict.py --source, INT8
+calibration).
 
 `hash_split` holds out a part of one annotated folder for validation, by a hash of each image's path, so adding
 images later never moves an old image across the split.
@@ -159,12 +162,6 @@ def fill_coco_defaults(data):
             valid = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
             ann["area"] = float(bbox[2] * bbox[3]) if valid else 0.0
     return data
-
-
-def write_coco(data, path):
-    """Write a COCO dict as JSON (through a temporary file, so a crash never leaves half a file)."""
-    from config import write_json_atomic
-    write_json_atomic(data, path, indent=None)
 
 
 # ---- building records -----------------------------------------------------------------------------------------

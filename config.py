@@ -1,11 +1,13 @@
 """Configuration of the training scripts: where each setting comes from, what makes it valid, how a command ends.
 
-- **One source of defaults**: config_transfer_learning.json holds every training default, one section per
-  script ("pretraining", "finetuning") plus "optimization", which both read. Flags have no defaults of their
-  own; their help texts quote the file's. A missing or broken file is a one-line error.
+- **One source of defaults**: config_transfer_learning.json holds every default, each once: a section per
+  training script ("pretraining", "finetuning") over "shared" and "optimization", which both read, and
+  "inference", which detection falls back on (`inference_defaults`). Flags have no defaults of their own;
+  their help texts quote the file's. A missing or broken file is a one-line error.
 - **Precedence**: the file's defaults < a --config file (a copy of the file, with sections, or a flat dict of
-  the same keys) < the flags typed on the command line. On --resume the run's own config takes the place of
-  the first two, and settings that fix the architecture cannot change.
+  the same keys; renamed keys are read under their new names, with a warning) < the flags typed on the command
+  line. On --resume the run's own config takes the place of the first two, and settings that fix the
+  architecture cannot change.
 - **Checks** fail in one line that says what is wrong and how to fix it (ConfigError); `run_cli`, the
   command-line entry of every script, turns that into exit status 2, a run stopped by its losses into 1 and
   Ctrl-C into 130, never a traceback.
@@ -23,6 +25,7 @@ import sysconfig
 import torch
 
 import distributed
+from annotations import read_yaml_entry
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,13 @@ DEFAULT_CONFIG_PATH = shipped_file("config_transfer_learning.json")
 AMP_DTYPES = ("bf16", "fp16")
 LR_SCALINGS = ("linear", "sqrt", "none")
 # Keys of an invocation rather than of a run: never in the file's sections, never taken from a resumed run.
-RUNTIME_DEFAULTS = {"config": None, "resume": None, "device": None, "progress": True, "name": None}
+RUNTIME_DEFAULTS = {"config": None, "resume": None, "device": None, "progress": True, "plots": True, "name": None}
+# The sections every training script reads under its own, the later over the earlier.
+COMMON_SECTIONS = ("shared", "optimization")
+# Old key -> new key. A --config file or keyword argument with an old key warns and is used under the new name;
+# a resumed run's saved config is renamed silently (it is the run's own record, not a user's input).
+RENAMED_KEYS = {"conf_threshold": "report_threshold", "print_freq": "log_interval"}
+INFERENCE_KEYS = ("conf_threshold", "iou_threshold", "max_detections")
 
 
 class ConfigError(ValueError):
@@ -58,6 +67,10 @@ class ConfigError(ValueError):
 
 class TrainingFailed(RuntimeError):
     """A run that stopped on its own (e.g. non-finite losses); the message says what was kept."""
+
+
+# What the training scripts report as bad input (one line, exit 2): their data loaders raise the last two.
+TRAINING_INPUT_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
 # ---- JSON files ---------------------------------------------------------------------------------------
@@ -102,22 +115,63 @@ def write_json_atomic(data, path, indent=2):
 
 # ---- resolution -----------------------------------------------------------------------------------------
 def config_sections(data, section):
-    """The flat settings of a config dict: "optimization" merged with `section` if the file has sections (a copy
-    of config_transfer_learning.json), else the dict itself (the flat format). Keys starting with '_' are notes."""
-    if section in data or "optimization" in data:
-        flat = {**data.get("optimization", {}), **data.get(section, {})}
+    """The flat settings of a config dict: "shared" < "optimization" < `section` if the file has sections (a copy
+    of config_transfer_learning.json, or of an older one without "shared"), else the dict itself (the flat
+    format). Keys starting with '_' are notes."""
+    if section in data or any(common in data for common in COMMON_SECTIONS):
+        flat = {key: value for part in (*COMMON_SECTIONS, section) for key, value in data.get(part, {}).items()}
     else:
         flat = dict(data)
     return {k: v for k, v in flat.items() if not k.startswith("_")}
 
 
-def script_defaults(section, path=DEFAULT_CONFIG_PATH):
-    """Every valid key of a script with its default: the file's `section` and "optimization", then the
-    invocation keys (RUNTIME_DEFAULTS)."""
-    data = load_json(path, "default config")
-    if section not in data:
+def _shipped_section(data, section, path):
+    if not isinstance(data.get(section), dict):
         raise ConfigError(f"default config {path} has no {section!r} section; restore the file from the repository")
+    return data[section]
+
+
+def script_defaults(section, path=None):
+    """Every valid key of a script with its default: the file's (DEFAULT_CONFIG_PATH for None) "shared",
+    "optimization" and `section`, then the invocation keys (RUNTIME_DEFAULTS)."""
+    path = path or DEFAULT_CONFIG_PATH
+    data = load_json(path, "default config")
+    _shipped_section(data, section, path)
     return {**config_sections(data, section), **RUNTIME_DEFAULTS}
+
+
+def inference_defaults(path=None):
+    """What detection falls back on when its caller passes None, read from the shipped file (DEFAULT_CONFIG_PATH
+    for None) at each call: no module-level state, so an edited file counts at once.
+
+    Returns:
+        dict with the "inference" section's "conf_threshold" (the score cut-off of a model without a calibrated
+        threshold), "iou_threshold" (class-aware NMS) and "max_detections" (per image), and "shared"'s
+        "report_threshold" (the score at which evaluate() reports precision, recall and F1, as training does).
+    """
+    path = path or DEFAULT_CONFIG_PATH
+    data = load_json(path, "default config")
+    values = {key: _shipped_section(data, "inference", path).get(key) for key in INFERENCE_KEYS}
+    values["report_threshold"] = _shipped_section(data, "shared", path).get("report_threshold")
+    missing = [key for key, value in values.items() if value is None]
+    if missing:
+        raise ConfigError(f"default config {path} has no {missing[0]}; restore the file from the repository")
+    return values
+
+
+def renamed(values, source=None):
+    """`values` with the old names of RENAMED_KEYS under their new ones; a one-line warning naming `source` for
+    each (none for source None). An old and a new name together are an error: which one was meant is unclear."""
+    values = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ConfigError(f"{source or 'the config'} sets both {old!r} and {new!r}, its new name; keep {new!r}")
+        if source is not None:
+            logger.warning("%s: config key %r is now %r and is read as that; rename it", source, old, new)
+        values[new] = values.pop(old)
+    return values
 
 
 def check_types(values, reference, source):
@@ -143,27 +197,24 @@ def check_types(values, reference, source):
 
 def file_values(path, section, defaults):
     """A --config file's settings for `section`, checked against `defaults`."""
-    values = config_sections(load_json(path), section)
+    values = renamed(config_sections(load_json(path), section), path)
     check_types(values, defaults, path)
     return values
 
 
-def resolve(parser, argv, section, defaults):
-    """defaults < --config FILE < typed flags, and which keys were typed.
+def resolve(section, typed):
+    """A script's settings: config_transfer_learning.json's `section` < --config < `typed` (flags or keyword
+    arguments). runs.resume puts a resumed run's own settings in the place of the first two.
 
-    `parser` is built with argument_default=argparse.SUPPRESS, so it returns the typed flags only.
     Returns:
-        (config dict, dict of the typed flags).
+        (config, the keys given explicitly by --config or `typed`).
     """
-    typed = vars(parser.parse_args(argv))
-    config = dict(defaults)
-    if typed.get("config"):
-        config.update(file_values(typed["config"], section, defaults))
-    config.update(typed)
-    for key, default in defaults.items():  # JSON may say 10.0 where an int is meant (range(), epochs)
-        if type(default) is int and isinstance(config[key], float) and config[key].is_integer():
-            config[key] = int(config[key])
-    return config, typed
+    defaults = script_defaults(section)
+    typed = renamed(typed, "the arguments")
+    check_types({k: v for k, v in typed.items() if k != "config"}, defaults, "the arguments")
+    from_file = file_values(typed["config"], section, defaults) if typed.get("config") else {}
+    explicit = {**from_file, **typed}
+    return {**defaults, **explicit}, explicit
 
 
 def resumed(config, saved, overrides, fixed_keys, path):
@@ -172,7 +223,7 @@ def resumed(config, saved, overrides, fixed_keys, path):
     Keys in `fixed_keys` shape the model or its classes and cannot change; invocation keys always come from
     this invocation.
     """
-    saved = {key: value for key, value in saved.items() if key not in RUNTIME_DEFAULTS}
+    saved = {key: value for key, value in renamed(saved).items() if key not in RUNTIME_DEFAULTS}
     for key in fixed_keys:
         if key in overrides and _comparable(overrides[key]) != _comparable(saved.get(key)):
             raise ConfigError(f"{key} cannot change on --resume: the run has {saved.get(key)!r}, got {overrides[key]!r}"
@@ -197,9 +248,14 @@ def check_common(config, stride):
     for key, value in config.items():
         if key.endswith("_lr") and not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    for key in ("max_nonfinite_steps", "print_freq"):
+    for key in ("max_nonfinite_steps", "log_interval"):
         if config[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {config[key]}")
+    if not 0 <= config["report_threshold"] <= 1:
+        raise ConfigError(f"report_threshold must be a score in [0, 1], got {config['report_threshold']}")
+    if config["eval_interval"] < 1 or (config["save_interval"] is not None and config["save_interval"] < 1):
+        raise ConfigError(f"eval_interval must be >= 1 and save_interval >= 1 or null, got {config['eval_interval']} "
+                          f"and {config['save_interval']}")
     if config["patience"] is not None and config["patience"] < 1:
         raise ConfigError(f"patience must be >= 1 (or null: never stop early), got {config['patience']}")
     if not 0 <= config["max_bad_image_fraction"] <= 1:
@@ -266,7 +322,6 @@ def data_yaml_val(path):
     """The val entry of a YOLO data.yaml (None for other annotations), which takes the place of --val-fraction."""
     if not (os.path.isfile(path) and str(path).lower().endswith((".yaml", ".yml"))):
         return None
-    from annotations import read_yaml_entry  # here, not at the top: annotations imports config
     try:
         return read_yaml_entry(path, "val")
     except ValueError as error:
@@ -347,10 +402,20 @@ def add_run_flags(parser, defaults):
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     parser.add_argument("--amp-dtype", choices=AMP_DTYPES, help="autocast dtype with --amp")
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
-    parser.add_argument("--print-freq", type=int, help=default("print_freq", "TensorBoard scalars every N steps"))
+    parser.add_argument("--log-interval", type=int, help=default("log_interval", "TensorBoard scalars every N "
+                                                                                 "steps"))
+    parser.add_argument("--print-freq", dest="log_interval", type=int, help=argparse.SUPPRESS)  # its old name
+    parser.add_argument("--report-threshold", type=float, help=default(
+        "report_threshold", "the score at which the epoch lines and metrics.csv give precision, recall and F1"))
+    parser.add_argument("--eval-interval", type=int, help=default("eval_interval", "evaluate every N epochs and at "
+                                                                                   "the last"))
+    parser.add_argument("--save-interval", type=int, help=default("save_interval", "keep snapshots/epoch_<N>.pth "
+                                                                                   "every N epochs (none: never)"))
     parser.add_argument("--patience", type=int, help=default("patience", "stop when val mAP has not improved for N "
                                                                          "epochs"))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="no results.png, val_predictions.jpg or TensorBoard images (the numbers are unchanged)")
 
 
 def command_line(argv, resolve_config, train):

@@ -6,8 +6,8 @@ labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]`` m
 to ``xyxy``, clipped and sanitised once at init [tv-ref ``coco_utils``]; every later box change (resize,
 crop, pad, flip) is done by ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes``.
 
-Annotations come in any format annotations.py reads (COCO JSON, Pascal VOC, YOLO). Inspect a data set before
-training on it, or write it as one COCO JSON:
+Annotations come in any format annotations.py reads (COCO JSON, Pascal VOC, YOLO), each turned into a COCO dict
+(hence the module's name). Inspect a data set before training on it, or write it as one COCO JSON:
 
     python dataset_coco.py --ann data/annotations/instances_val2017.json --root data/val2017
     python dataset_coco.py --ann kangaroo/annots --class-name kangaroo --img-size 320     # Pascal VOC
@@ -28,15 +28,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from annotations import (EXIF_ORIENTATION, FORMATS, hash_split, index_coco, read_annotations, read_coco_json, read_yaml_entry,
-                         subset, write_coco)
-from config import run_cli
+from annotations import (EXIF_ORIENTATION, FORMATS, hash_split, index_coco, read_annotations, read_yaml_entry,
+                         subset)
+from config import run_cli, write_json_atomic
+from inference import LETTERBOX_FILL  # the grey predict() pads with (YOLOv5's); inference.py never imports the model
 
 logger = logging.getLogger(__name__)
 
-# Same grey as model_lightweight.LETTERBOX_FILL (YOLOv5's letterbox colour); duplicated rather than imported
-# because dataset code must not depend on the model module.
-LETTERBOX_FILL = 114
 TRANSFORM_PRESETS = ("strong", "moderate", "letterbox")
 IMAGE_SUBDIRS = ("", "JPEGImages", "images")  # Pascal VOC and Roboflow-style exports keep images in these
 COCO_LAYOUT_FILES = ("train2017/", "val2017/", "annotations/instances_train2017.json",
@@ -172,10 +170,6 @@ def coco_layout_paths(coco_root):
 
 
 # --------------------------------------------------------------------------------------------- dataset
-
-def load_coco_json(path):
-    """Read and check a COCO instances file: pycocotools ``COCO`` indexed over its dict (one-line errors)."""
-    return index_coco(read_coco_json(path), path)
 
 
 def turn_to_displayed(annotations, orientation, width, height):
@@ -757,7 +751,7 @@ def main(argv=None):
     report = f"format: {FORMATS[kind]}\n" + dataset_report(dataset, args.img_size)
     print(report)
     if args.to_coco:
-        write_coco(dataset.coco.dataset, args.to_coco)
+        write_json_atomic(dataset.coco.dataset, args.to_coco, indent=None)
         print(f"wrote {args.to_coco}: {len(data['images'])} images, {len(data['annotations'])} boxes; its images "
               f"are under {root}")
     return report

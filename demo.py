@@ -4,7 +4,7 @@
     python demo.py --out my_demo --data datasets --workers 2
 
 1. writes a synthetic single-class data set under --data (reused when present): "whiteline" road scenes in
-   the fine-tuning layout (make_synthetic_data.py);
+   the fine-tuning layout (tools/make_synthetic_data.py);
 2. fine-tunes the shipped lite0 starter (ImageNet backbone, then COCO classes; --init starter, the default a
    user gets) on whiteline with the three-stage recipe and today's fine-tuning defaults;
 3. fine-tunes lite0 from random init with the same schedule (--init random), the honest baseline;

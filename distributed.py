@@ -68,12 +68,6 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def barrier():
-    """Wait until every rank gets here (after rank 0 evaluated and wrote its files)."""
-    if is_distributed():
-        dist.barrier()
-
-
 def torchrun_hint(script, argv):
     """The exact torchrun command, when plain `python` sees several GPUs and no --device picks one; else None.
 

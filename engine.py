@@ -3,11 +3,12 @@
 - `train_one_epoch`: one pass over the data (single process or DistributedDataParallel, optional autocast),
   carrying a `TrainState` (model, optimizer, schedule, EMA, GradScaler) from step to step;
 - an EMA of the weights with a ramped decay, mixed-precision settings, learning-rate scaling for the global batch;
-- schedules stepped per iteration;
-- training checkpoints that resume exactly (weights, optimizer, schedule, EMA, scaler, RNG state).
+- schedules stepped per iteration.
+
+A training checkpoint of a TrainState (resumed exactly: weights, optimizer, schedule, EMA, scaler, RNG state) is
+checkpoints.py's.
 """
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 import distributed
 from config import ConfigError, TrainingFailed
-from model_lightweight import LAYER_GROUPS, load_checkpoint_file, model_checkpoint, unwrap_state_dict
+from model_lightweight import LAYER_GROUPS
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class StepOptions:
     @classmethod
     def from_config(cls, config):
         return cls(config["amp"], config["amp_dtype"], config["clip_grad_norm"], config["max_nonfinite_steps"],
-                   config["print_freq"])
+                   config["log_interval"])
 
 
 def train_one_epoch(model, criterion, data_loader, state, options=StepOptions(), epoch=0, writer=None,
@@ -287,9 +288,7 @@ def build_warmup_cosine_restarts(optimizer, warmup_iters, warmup_start_factor, t
 
 
 def build_warmup_cosine(optimizer, total_iters, warmup_iters, warmup_start_factor, final_factor):
-    """Linear warmup, then one cosine decay to lr * final_factor over the rest (one fine-tuning stage).
-    The warmup is capped at a fifth of the stage: on a small data set a fixed count would eat most of it."""
-    warmup_iters = min(warmup_iters, total_iters // 5)
+    """Linear warmup, then one cosine decay to lr * final_factor over the rest (one fine-tuning stage)."""
 
     def factor(it):
         if it < warmup_iters:
@@ -297,84 +296,3 @@ def build_warmup_cosine(optimizer, total_iters, warmup_iters, warmup_start_facto
         progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
         return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     return LambdaLR(optimizer, factor)
-
-
-# ---- RNG state (exact resume) ------------------------------------------------------------------------------
-def get_rng_state():
-    """Python, NumPy and torch RNG states as tensors and plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {"python": list(internal) + [version], "python_gauss": gauss, "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][-1], tuple(state["python"][:-1]), state["python_gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- checkpoints of a training run ---------------------------------------------------------------------------
-def training_checkpoint(state, class_names, config, **metadata):
-    """A resumable checkpoint (a plain dict; loads with weights_only=True).
-
-    `model_state_dict` holds the weights to use for inference (the EMA when there is one), so load_model and
-    the README snippet get the evaluated model; `train_state_dict` holds the raw weights the optimizer steps,
-    and `ema_updates` the EMA's step count.
-    """
-    inference = state.ema.module if state.ema is not None else state.model
-    checkpoint = model_checkpoint(inference, class_names, config=json_safe(config), **metadata)
-    checkpoint["model_config"] = dict(state.model.model_config)
-    checkpoint["train_state_dict"] = unwrap_state_dict(state.model.state_dict())
-    checkpoint["ema_updates"] = int(state.ema.n_averaged) if state.ema is not None else 0
-    for key, part in (("optimizer_state_dict", state.optimizer), ("scheduler_state_dict", state.scheduler),
-                      ("scaler_state_dict", state.scaler)):
-        if part is not None:
-            checkpoint[key] = part.state_dict()
-    checkpoint["rng_state"] = get_rng_state()
-    return checkpoint
-
-
-def json_safe(config):
-    """The config as plain JSON types (paths and other objects as strings)."""
-    return json.loads(json.dumps(config, default=str))
-
-
-def load_training_checkpoint(path):
-    """Read a resumable checkpoint (weights_only=True) and check it is one."""
-    try:
-        checkpoint = load_checkpoint_file(path, "--resume checkpoint")
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(str(error)) from None
-    if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a training checkpoint")
-    missing = [k for k in ("train_state_dict", "optimizer_state_dict", "config", "epoch") if k not in checkpoint]
-    if missing:
-        raise ConfigError(f"{path} cannot be resumed (it lacks {', '.join(missing)}); to start a new run from "
-                          f"its weights, pass it as pretrained weights instead of --resume")
-    return checkpoint
-
-
-def restore_training_state(checkpoint, state, optimizer=True):
-    """Weights, EMA, scaler and RNG from `checkpoint`; the optimizer and schedule too unless `optimizer` is
-    False (a fine-tuning resumed at a stage boundary starts that stage's optimizer afresh)."""
-    state.model.load_state_dict(unwrap_state_dict(checkpoint["train_state_dict"]))
-    if state.ema is not None:
-        state.ema.module.load_state_dict(unwrap_state_dict(checkpoint["model_state_dict"]))
-        state.ema.n_averaged.fill_(checkpoint.get("ema_updates", 0))
-    parts = [("scaler_state_dict", state.scaler)]
-    if optimizer:
-        parts += [("optimizer_state_dict", state.optimizer), ("scheduler_state_dict", state.scheduler)]
-    for key, part in parts:
-        if part is not None and key in checkpoint:
-            part.load_state_dict(checkpoint[key])
-    if "rng_state" in checkpoint:
-        set_rng_state(checkpoint["rng_state"])

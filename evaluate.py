@@ -31,7 +31,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from config import write_json_atomic
+from config import inference_defaults, write_json_atomic
+from inference import detection_settings
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _scored_area(ann, bbox_xywh, height, width):
     return float(area) * bbox_xywh[2] * bbox_xywh[3] / (w * h)
 
 
-def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=0.5):
+def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=None):
     """Score COCO-format detections against ground truth with pycocotools.
 
     Args:
@@ -147,7 +148,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         image_ids: image ids to score (COCOeval `imgIds`); other images are ignored.
         category_ids: category ids to score (COCOeval `catIds`), label order.
         class_names: class name of each entry of `category_ids`.
-        conf_threshold: score threshold for "precision", "recall" and "f1".
+        conf_threshold: score threshold for "precision", "recall" and "f1"; None: the training scripts'
+            report_threshold (config.inference_defaults).
 
     Returns:
         dict with
@@ -178,6 +180,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
     metrics = {key: _defined(cocoeval.stats[index]) for key, index in STATS_KEYS.items()}
     metrics["per_class_AP"] = _per_class_ap(cocoeval, category_ids, class_names)
     scores, is_tp, is_fp, num_gt = _pooled_matches(cocoeval)
+    if conf_threshold is None:
+        conf_threshold = inference_defaults()["report_threshold"]
     metrics.update(_precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold))
     metrics.update(_best_f1(scores, is_tp, is_fp, num_gt))
     metrics["pr_curve"] = _pr_curve(scores, is_tp, is_fp, num_gt)
@@ -360,7 +364,7 @@ def _check_original_frame(image, target):
 
 
 @torch.no_grad()
-def collect_detections(model, data, device=None, iou_threshold=0.6, max_detections=100,
+def collect_detections(model, data, device=None, iou_threshold=None, max_detections=None,
                        batch_size=8, num_workers=None, timings=None):
     """Run `model.predict` over a dataset at score threshold 0.001 and return COCO result dicts.
 
@@ -374,6 +378,7 @@ def collect_detections(model, data, device=None, iou_threshold=0.6, max_detectio
     """
     dataset, loader = _build_loader(data, batch_size, num_workers)
     device = torch.device(device) if device is not None else _model_device(model)
+    _, iou_threshold, max_detections = detection_settings(model, MAP_SCORE_THRESHOLD, iou_threshold, max_detections)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(dataset.category_ids):
         raise ValueError(f"model has {num_classes} classes but the dataset has "
@@ -441,7 +446,7 @@ def speed_line(timings):
             f"{sum(sizes.values())} images)")
 
 
-def evaluate(model, data, device=None, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+def evaluate(model, data, device=None, conf_threshold=None, iou_threshold=None, max_detections=None,
              batch_size=8, num_workers=None):
     """Score a detector on a COCO dataset: COCO mAP plus P/R/F1 at `conf_threshold`.
 
@@ -452,9 +457,10 @@ def evaluate(model, data, device=None, conf_threshold=0.5, iou_threshold=0.6, ma
         data: a `CocoDetectionDataset` built with transforms=None, or a DataLoader over one
             (batches of (images, targets); targets carry "image_id").
         device: where the images go; None -> the device of the model's parameters.
-        conf_threshold: score threshold for precision/recall/F1 (mAP always uses 0.001).
-        iou_threshold: NMS IoU passed to `model.predict`.
-        max_detections: per-image cap passed to `model.predict`.
+        conf_threshold: score threshold for precision/recall/F1 (mAP always uses 0.001); None: the training
+            scripts' report_threshold, as training reports them.
+        iou_threshold: NMS IoU passed to `model.predict`; None: config_transfer_learning.json's "inference" one.
+        max_detections: per-image cap passed to `model.predict`; None: the "inference" section's.
         batch_size: images per `predict` call when `data` is a dataset.
         num_workers: DataLoader workers when `data` is a dataset; None -> dataset_coco's default.
 
@@ -497,6 +503,7 @@ def format_metrics(metrics):
 
 
 def get_args_parser():
+    defaults = inference_defaults()
     parser = argparse.ArgumentParser(description="Score a detector on an annotated set (COCO mAP, P/R/F1).")
     parser.add_argument("--checkpoint", help="best_model.pth written by training, or an exported .onnx (with its "
                                              "sidecar JSON); with --run, default RUN/best_model.pth")
@@ -512,9 +519,10 @@ def get_args_parser():
     parser.add_argument("--class-name", default=None,
                         help="score a 1-class model against this category (default: checkpoint class_names)")
     parser.add_argument("--conf", type=float, default=None,
-                        help="score threshold for precision/recall/F1 (default: the checkpoint's calibrated "
-                             "threshold, stored by fine-tuning; else 0.25)")
-    parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
+                        help=f"score threshold for precision/recall/F1 (default: the checkpoint's calibrated "
+                             f"threshold, stored by fine-tuning; else {defaults['conf_threshold']})")
+    parser.add_argument("--iou", type=float, default=defaults["iou_threshold"],
+                        help="NMS IoU threshold (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per predict call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device, e.g. cpu or cuda")
@@ -527,7 +535,7 @@ def _check_paths(parser, args):
     if args.run is not None:
         if args.root is not None:
             parser.error("--root goes with --ann; --run reads the image folders the run trained with")
-        from runs import best_checkpoint, is_run_dir  # lazy: runs imports this module
+        from runs import best_checkpoint, is_run_dir  # only the command line reads runs
         if os.path.isdir(args.run) and not is_run_dir(args.run):
             parser.error(f"--run {args.run} is not a training run folder (no config.json naming its data)")
         if args.checkpoint is None and os.path.isdir(args.run):

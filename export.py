@@ -40,15 +40,33 @@ import torch
 import torchvision
 from torch import nn
 
-from config import run_cli, write_json_atomic
+from config import inference_defaults, run_cli, write_json_atomic
 from dataset_coco import load_image
-from model_lightweight import LETTERBOX_FILL, STRIDES, decode_boxes, fuse_batchnorm, letterbox, load_model
-from ort_detector import sidecar_path
+from inference import LETTERBOX_FILL, STRIDES, detection_settings, letterbox
+from model_lightweight import decode_boxes, fuse_batchnorm, load_model
 
 logger = logging.getLogger("export")
 
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12 runs every op used here at 17; NonMaxSuppression needs >= 11
 CHECK_TOLERANCE = 1e-4  # ONNX Runtime vs PyTorch: scores, and boxes as a fraction of the input side
+
+
+def sidecar_path(onnx_path):
+    """The JSON sidecar beside an exported model: NAME.json for NAME.onnx."""
+    return os.path.splitext(str(onnx_path))[0] + ".json"
+
+
+def session_options(threads=None):
+    """CPU session options: `threads` intra-op threads (None: ONNX Runtime's choice), one inter-op thread, and
+    no spinning, so that sessions interleaved with each other or with torch threads do not burn the cores. The
+    export's check and ort_detector's backend run alike."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
 
 # ---------------------------------------------------------------------------------------------- export graph
@@ -95,11 +113,15 @@ class ExportModel(nn.Module):
     (issue #26).
     """
 
-    def __init__(self, model, include_nms=False, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+    def __init__(self, model, include_nms=False, conf_threshold=None, iou_threshold=None, max_detections=None,
                  static_size=None):
+        """The in-graph NMS settings (include_nms) as model.predict's: None is the model's calibrated threshold
+        and the "inference" section's IoU and cap (inference.detection_settings)."""
         super().__init__()
         self.model = model
         self.include_nms = include_nms
+        conf_threshold, iou_threshold, max_detections = detection_settings(model, conf_threshold, iou_threshold,
+                                                                           max_detections)
         self.nms_args = (int(max_detections), float(iou_threshold), float(conf_threshold))
         self.static = static_size is not None
         if self.static:
@@ -270,7 +292,7 @@ def sidecar(model, args, onnx_path, outputs):
             "shape": [1, 3, size, size] if args.static
             else ["batch" if args.dynamic_batch else 1, 3, "height", "width"],
             "dtype": "float32", "layout": "NCHW", "color": "RGB", "value_range": [0.0, 1.0],
-            # model_lightweight.letterbox's rounding: a client that rounds otherwise is off by a pixel row.
+            # inference.letterbox's rounding: a client that rounds otherwise is off by a pixel row.
             "letterbox": {"size": size,
                           "resize": "longer side to size, aspect kept: scale = size / max(height, width), new_height "
                                     "= round(height * scale), new_width = round(width * scale) (round half to even, "
@@ -294,6 +316,7 @@ def sidecar(model, args, onnx_path, outputs):
 
 
 def get_args_parser():
+    defaults = inference_defaults()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_model.pth)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
@@ -312,9 +335,13 @@ def get_args_parser():
                         help="fixed input (1, 3, S, S), S = --img-size, square letterbox, anchors as constants: "
                              "for runtimes without dynamic shapes, such as OpenCV's DNN module")
     parser.add_argument("--include-nms", action="store_true", help="NMS inside the graph; output detections (N, 7)")
-    parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the in-graph NMS")
-    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of the in-graph NMS")
-    parser.add_argument("--max-det", type=int, default=100, help="in-graph NMS: detections kept per image and class")
+    parser.add_argument("--conf", type=float, default=None,
+                        help=f"score threshold of the in-graph NMS (default: the checkpoint's calibrated threshold, "
+                             f"stored by fine-tuning; else {defaults['conf_threshold']})")
+    parser.add_argument("--iou", type=float, default=defaults["iou_threshold"],
+                        help="IoU threshold of the in-graph NMS (default: %(default)s)")
+    parser.add_argument("--max-det", type=int, default=defaults["max_detections"],
+                        help="in-graph NMS: detections kept per image and class (default: %(default)s)")
     parser.add_argument("--output", default=None, help="ONNX path (default: next to the checkpoint, same stem)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (>= 11)")
     parser.add_argument("--check-image", default=None, help="also compare outputs on this image, letterboxed")
@@ -357,12 +384,30 @@ def _load(args):
 
 
 def main(argv=None):
-    """Fuse, export, check against PyTorch, quantise (--int8), time, write the sidecars; returns paths and figures."""
+    """The command line: export_checkpoint with the flags, its log lines on stderr."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _export(args)
+
+
+def export_checkpoint(checkpoint, **options):
+    """Export from Python (ort_detector's onnxruntime backend does): keyword arguments are export.py's flags by
+    their names in Python (output, img_size, int8, include_nms, conf, iou, max_det, opset, runs, warmup, threads,
+    ...), the flags' defaults otherwise. Logging is left as the caller configured it. Returns what main returns."""
+    args = get_args_parser().parse_args(["--checkpoint", str(checkpoint)])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"export_checkpoint() got unknown options: {', '.join(unknown)}")
+    vars(args).update(options)
+    return _export(args)
+
+
+def _export(args):
+    """Fuse, export, check against PyTorch, quantise (--int8), time, write the sidecars; returns paths and figures."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
+    args.conf, args.iou, args.max_det = detection_settings(model, args.conf, args.iou, args.max_det)
     onnx_path = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
     nms_args = dict(include_nms=args.include_nms, conf_threshold=args.conf, iou_threshold=args.iou,
                     max_detections=args.max_det, static_size=args.img_size if args.static else None)
@@ -375,7 +420,6 @@ def main(argv=None):
           f"{'static input' if args.static else 'height and width dynamic'}, "
           f"batch {'dynamic' if args.dynamic_batch else 1}, outputs {', '.join(outputs)})")
     import onnxruntime
-    from ort_detector import session_options
     sessions = {"onnxruntime": onnxruntime.InferenceSession(onnx_path, session_options(torch.get_num_threads()),
                                                             providers=["CPUExecutionProvider"])}
     checks, passed = check_session(sessions["onnxruntime"], reference, exported, outputs, args)

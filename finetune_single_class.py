@@ -2,7 +2,7 @@
 
     python finetune_single_class.py --class-name kangaroo --train-root photos/images --train-ann photos/annots \\
         --val-root val/images --val-ann val/annots                       # lite0 from its starting weights
-    python finetune_single_class.py --init pretrain_results/multi_class_<stamp>/checkpoints/best.pth \\
+    python finetune_single_class.py --init pretrain_results/multi_class_<stamp>/best_model.pth \\
         --class-name whiteline --train-root data/train/JPEGImages --train-ann data/train/annotations.json \\
         --val-root data/val --val-ann data/val/annotations.json
     python finetune_single_class.py --init imagenet ...   # lite0's ImageNet backbone, FPN and head from scratch
@@ -17,7 +17,7 @@ keyword arguments being the config keys.
 
 Every default lives in config_transfer_learning.json ("finetuning" and "optimization"); a --config file
 (sections or flat keys) overrides it, and flags override both. --init chooses the starting weights (see
-model_lightweight.load_init); --pretrained-backbone PATH and --no-pretrained are its older spellings.
+checkpoints.load_init); --pretrained-backbone PATH and --no-pretrained are its older spellings.
 --resume continues an interrupted run exactly (weights, optimizer, schedule, stage, EMA, RNG).
 Writes OUTPUT_DIR/<class>_<stamp>/ (OUTPUT_DIR/NAME with --name): best_model.pth, last_model.pth, config.json,
 metrics.csv, summary.json, pr_curve.csv, results.png, tensorboard/.
@@ -26,19 +26,20 @@ import logging
 import os
 import time
 
-import torch
-
 import config as cfg
 import distributed
 import engine
 import runs
+from checkpoints import INITS, STARTER_SIZE, init_model_size, restore_training_state
 from dataset_coco import CocoDetectionDataset, build_transforms, dataset_report, load_train_val
-from model_lightweight import INITS, LAYER_GROUPS, MODEL_SIZES, STARTER_SIZE, STRIDES, init_model_size
+from model_lightweight import LAYER_GROUPS, MODEL_SIZES, STRIDES
+from trainer import (build_model, build_optimizer, describe_trainable, fit, new_trainer, setup_process,
+                     stage_writer_note, training_loader)
 
 logger = logging.getLogger("finetune")
 
 SCRIPT = "finetune"
-LAYOUT = {"last": "last_model.pth", "best": "best_model.pth"}
+SCRIPT_FILE = "finetune_single_class.py"
 FIXED_KEYS = ("model_size", "img_size", "class_name")  # a resumed run keeps them
 STAGES = (  # (name, pretrained layer groups the stage releases)
     ("heads", ("head",)),
@@ -72,7 +73,8 @@ def get_args_parser(defaults):
 def resolve_config(typed, argv=None):
     """config_transfer_learning.json < --config < `typed` (flags or keyword arguments); on --resume the run's own
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
-    config, checkpoint, explicit = runs.resolve("finetuning", typed, LAYOUT, SCRIPT, FIXED_KEYS)
+    config, explicit = cfg.resolve("finetuning", typed)
+    config, checkpoint = runs.resume(config, explicit, runs.LAYOUT, SCRIPT, FIXED_KEYS)
     cfg.check_data(config, explicit)
     if checkpoint is None:
         resolve_init(config, typed)
@@ -192,13 +194,13 @@ def describe_stage(stage, pretrained_groups):
     return f"trains {trained}; frozen: {frozen}"
 
 
-def start_stage(session, stage, checkpoint, start_epoch):
+def begin_stage(trainer, stage):
     """Freeze what the stage does not train (BatchNorm statistics too; stage3_train_bn false keeps the pretrained
     backbone's and FPN's frozen in stage 3; a pretrained backbone's layers up to backbone_freeze_stride stay frozen
-    throughout), a fresh AdamW and schedule over the rest, restored from `checkpoint`
-    when the run resumes inside this stage, and a new DDP wrapper (it hooks the parameters trainable now)."""
-    config, state = session.config, session.state
-    model, pretrained = state.model, set(config["provenance"]["pretrained"])
+    throughout), a fresh AdamW and schedule over the rest, restored from the resumed checkpoint when the run resumes
+    inside this stage, and a new DDP wrapper (it hooks the parameters trainable now)."""
+    config, state, checkpoint = trainer.config, trainer.state, trainer.resume_from
+    model, pretrained = state.model, set(trainer.provenance["pretrained"])
     model.freeze_backbone("backbone" not in stage["groups"])
     model.freeze_fpn("fpn" not in stage["groups"])
     early_stride = config["backbone_freeze_stride"] if "backbone" in pretrained else 0
@@ -206,23 +208,21 @@ def start_stage(session, stage, checkpoint, start_epoch):
     if stage["index"] == 3 and not config["stage3_train_bn"]:
         for group in pretrained & {"backbone", "fpn"}:
             model.freeze_batchnorm(group)
-    scale = runs.lr_scale(config)
-    lrs = {group: lr * scale for group, lr in stage["lrs"].items()}
-    state.optimizer = torch.optim.AdamW(model.get_param_groups(lrs.get("backbone", 0.0), lrs.get("fpn", 0.0),
-                                                               lrs["head"], config["weight_decay"]))
-    total = (stage["last_epoch"] - stage["first_epoch"] + 1) * len(session.loader)
-    state.scheduler = engine.build_warmup_cosine(state.optimizer, total, config["stage_warmup_iters"],
-                                                 config["warmup_start_factor"], config["stage_final_lr_factor"])
+    state.optimizer = build_optimizer(model, stage["lrs"], config)
+    total = (stage["last_epoch"] - stage["first_epoch"] + 1) * len(trainer.loader)
+    warmup = min(config["stage_warmup_iters"], int(total * config["stage_warmup_max_fraction"]))
+    state.scheduler = engine.build_warmup_cosine(state.optimizer, total, warmup, config["warmup_start_factor"],
+                                                 config["stage_final_lr_factor"])
     if checkpoint is not None and stage["first_epoch"] <= checkpoint["epoch"] + 1 <= stage["last_epoch"]:
         inside = checkpoint.get("stage") == stage["index"]  # else it resumes at this stage's first epoch
-        engine.restore_training_state(checkpoint, state, optimizer=inside)
-    session.train_model = None  # drop the previous stage's wrapper before building the next
-    session.train_model = distributed.wrap_model(model, next(model.parameters()).device)
+        restore_training_state(checkpoint, state, optimizer=inside)
+    trainer.train_model = None  # drop the previous stage's wrapper before building the next
+    trainer.train_model = distributed.wrap_model(model, next(model.parameters()).device)
     early = (f"; the backbone's stem and stages to stride {early_stride} stay frozen"
              if early_stride and "backbone" in stage["groups"] else "")
     logger.info("stage %d (%s), epochs %d-%d: %s%s; %s", stage["index"], stage["name"], stage["first_epoch"],
-                stage["last_epoch"], describe_stage(stage, pretrained), early, runs.describe_trainable(model))
-    runs.stage_writer_note(session.run, stage)
+                stage["last_epoch"], describe_stage(stage, pretrained), early, describe_trainable(model))
+    stage_writer_note(trainer.run, stage)
 
 
 # ---- data and model -----------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def build_data(config):
     try:
         (train_data, train_root), (val_data, val_root), split = load_train_val(
             config["train_ann"], config["train_root"], config["val_ann"], config["val_root"], config["val_fraction"],
-            runs.saved_split(config, LAYOUT))
+            runs.saved_split(config))
         train = CocoDetectionDataset(train_data, train_root, classes=classes, max_missing_fraction=bad,
                                      transforms=build_transforms(config["augmentation"], config["img_size"]))
         val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad)
@@ -249,41 +249,29 @@ def build_data(config):
             f"no usable {train.class_names[0]!r} box in {config['train_ann']}: {s['images_missing']} of "
             f"{s['images_total']} images missing on disk, {s['boxes_dropped']} boxes dropped as degenerate or "
             f"non-finite, {s['crowd_ignored']} crowd boxes ignored; check --class-name and the annotation file")
-    return runs.training_loader(train, config, drop_last=True), val, train.class_names, split
+    return training_loader(train, config, drop_last=True), val, train.class_names, split
 
 
 def train(config, checkpoint=None, argv=None):
     """Run (or resume) a fine-tuning. Returns the summary (also in summary.json); {} on ranks > 0 under torchrun,
     where every rank trains on its shard and rank 0 evaluates and writes."""
     started = time.perf_counter()
-    device = runs.setup_process(config, "finetune_single_class.py", argv)
+    device = setup_process(config, SCRIPT_FILE, argv)
     loader, val_dataset, class_names, split = build_data(config)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
-    model, config["provenance"] = runs.build_model(config, 1, checkpoint)
-    provenance = config["provenance"]
+    model, provenance = build_model(config, 1, checkpoint)
     logger.info("pretrained groups: %s; new (random) groups: %s", ", ".join(provenance["pretrained"]) or "none",
                 ", ".join(provenance["new"]) or "none")
-    run = (runs.open_run(config, class_names, LAYOUT, SCRIPT, class_names[0].replace(" ", "_"), checkpoint)
-           if distributed.is_main_process() else None)
+    run = (runs.open_run(config, class_names, runs.LAYOUT, SCRIPT, class_names[0].replace(" ", "_"), provenance,
+                         checkpoint) if distributed.is_main_process() else None)
     runs.write_split(run, split)
-    session = runs.new_session(config, model, loader, val_dataset, run, device)
-    plan = stage_plan(config, set(provenance["pretrained"]))
-    start = checkpoint["epoch"] + 1 if checkpoint else 1
-    with runs.faults(run, "finetune_single_class.py"):
-        for stage in (stage for stage in plan if stage["last_epoch"] >= start):
-            start_stage(session, stage, checkpoint, start)
-            for epoch in range(max(start, stage["first_epoch"]), stage["last_epoch"] + 1):
-                runs.train_epoch(session, stage, epoch, plan[-1]["last_epoch"])
-                if session.stop:
-                    break
-            distributed.check_in_sync(model)
-            if session.stop:
-                break
+    trainer = new_trainer(config, model, provenance, loader, val_dataset, run, device, checkpoint)
+    fit(trainer, stage_plan(config, set(provenance["pretrained"])), begin_stage, SCRIPT_FILE)
     if run is None:
         return {}
-    summary = runs.close_run(run, {"best": "best_model", "last": "last_model"})
-    logger.info(runs.final_line(summary, summary["best_model"], time.perf_counter() - started))
+    summary = runs.close_run(run)
+    logger.info(runs.final_line(summary, time.perf_counter() - started))
     return summary
 
 
@@ -304,7 +292,7 @@ def main(argv=None):
 
 def run():
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    cfg.run_cli(main, None, bad_input=(cfg.ConfigError, FileNotFoundError, ValueError))
+    cfg.run_cli(main, bad_input=cfg.TRAINING_INPUT_ERRORS)
 
 
 if __name__ == "__main__":

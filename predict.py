@@ -40,8 +40,8 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from config import run_cli, write_json_atomic
-from annotations import index_coco, read_annotations
+from config import inference_defaults, run_cli, write_json_atomic
+from annotations import IMAGE_EXTENSIONS, index_coco, read_annotations
 from dataset_coco import CocoDetectionDataset, load_image
 from evaluate import (MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco,
                       speed_line, speed_ms, timed_iter)
@@ -51,7 +51,6 @@ from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_fr
 
 logger = logging.getLogger("predict")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SUMMARY_SCORES = 10  # scores listed per class in the one-line summary of an image
 
 
@@ -260,11 +259,12 @@ def _match_image(path, by_base, ann_path):
 
 # ---------------------------------------------------------------------------------------------- prediction
 
-def predict_images(model, paths, skipped, conf_threshold=0.5, iou_threshold=0.6, max_detections=100,
+def predict_images(model, paths, skipped, conf_threshold=None, iou_threshold=None, max_detections=None,
                    batch_size=8, workers=0, progress=True, timings=None):
     """Yield (index, uint8 (3, H, W) image, CPU result of model.predict) per readable path, in batches with
-    a progress bar; unreadable paths are logged and appended to `skipped`. `timings`: None, or a dict that gets
-    the seconds spent waiting for decoded images ("decode") and model.predict's phases (evaluate.speed_ms)."""
+    a progress bar; unreadable paths are logged and appended to `skipped`. The thresholds go to model.predict (None:
+    its defaults). `timings`: None, or a dict that gets the seconds spent waiting for decoded images ("decode") and
+    model.predict's phases (evaluate.speed_ms)."""
     loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     bar = tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr)
@@ -409,6 +409,7 @@ def _fraction(text):
 
 
 def get_args_parser():
+    defaults = inference_defaults()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="best_model.pth written by training, or an exported .onnx (with its "
                                              "sidecar JSON); with --run, default RUN/best_model.pth")
@@ -421,10 +422,12 @@ def get_args_parser():
     parser.add_argument("--run", help="a fine-tuning run folder: its best_model.pth, and the images it validated on "
                                       "(the val part of its --train-ann per RUN/split.json, or its --val-ann)")
     parser.add_argument("--conf", type=_fraction, default=None,
-                        help="score threshold for drawn and saved detections (default: the checkpoint's calibrated "
-                             "threshold, stored by fine-tuning; else 0.25)")
-    parser.add_argument("--iou", type=_fraction, default=0.6, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=_at_least(1), default=100, help="detections kept per image")
+                        help=f"score threshold for drawn and saved detections (default: the checkpoint's "
+                             f"calibrated threshold, stored by fine-tuning; else {defaults['conf_threshold']})")
+    parser.add_argument("--iou", type=_fraction, default=defaults["iou_threshold"],
+                        help="NMS IoU threshold (default: %(default)s)")
+    parser.add_argument("--max-det", type=_at_least(1), default=defaults["max_detections"],
+                        help="detections kept per image (default: %(default)s)")
     parser.add_argument("--save-dir", default="predictions",
                         help="output folder; when it exists, the next free SAVE_DIR-2, SAVE_DIR-3, ...")
     parser.add_argument("--exist-ok", action="store_true", help="write into --save-dir even when it exists")

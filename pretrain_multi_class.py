@@ -13,30 +13,30 @@ ImageNet backbone unless --init says otherwise.
 
 In Python: `from pretrain_multi_class import pretrain; result = pretrain(coco_root=..., epochs=...)`.
 
-Outputs, in OUTPUT_DIR/multi_class_<YYYYmmdd_HHMMSS>/ (OUTPUT_DIR/NAME with --name): checkpoints/{last,best,
-epoch_<N>}.pth, backbone_weights/{best,last}_backbone.pth, config.json, metrics.csv, summary.json, pr_curve.csv,
-results.png, tensorboard/.
+Outputs, in OUTPUT_DIR/multi_class_<YYYYmmdd_HHMMSS>/ (OUTPUT_DIR/NAME with --name): the files of every run
+(runs.py: best_model.pth, last_model.pth, config.json, metrics.csv, summary.json, ...), snapshots/epoch_<N>.pth
+every save_interval epochs, and backbone_weights/{best,last}_backbone.pth.
 """
 import collections
 import logging
 import time
 
-import torch
-
 import config as cfg
 import distributed
 import engine
 import runs
+from checkpoints import restore_training_state
 from dataset_coco import CocoDetectionDataset, build_transforms, coco_layout_paths, dataset_report, load_train_val
-from model_lightweight import (LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights)
+from model_lightweight import LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights
+from trainer import build_model, build_optimizer, describe_trainable, fit, new_trainer, setup_process, training_loader
 
 logger = logging.getLogger("pretrain")
 
 SCRIPT = "pretrain"
-LAYOUT = {"last": "checkpoints/last.pth", "best": "checkpoints/best.pth", "snapshot": "checkpoints/epoch_{epoch}.pth",
-          "last_backbone": "backbone_weights/last_backbone.pth", "best_backbone": "backbone_weights/best_backbone.pth"}
+SCRIPT_FILE = "pretrain_multi_class.py"
+LAYOUT = {**runs.LAYOUT, **runs.BACKBONE_LAYOUT}  # the run contract, plus the backbone files fine-tuning can start from
 FIXED_KEYS = ("model_size", "img_size", "classes")  # a resumed run keeps them
-STAGE = {"index": 1, "name": "pretrain", "groups": LAYER_GROUPS}  # one stage: everything trains
+STAGE = {"index": 1, "name": "pretrain", "groups": LAYER_GROUPS, "first_epoch": 1}  # one stage: everything trains
 
 
 def get_args_parser(defaults):
@@ -55,10 +55,6 @@ def get_args_parser(defaults):
     parser.add_argument("--epochs", type=int, help=default("epochs", "last epoch to train"))
     parser.add_argument("--batch-size", type=int, help=default("batch_size", "per process (GPU); the global batch "
                                                                              "is N times it under torchrun"))
-    parser.add_argument("--eval-interval", type=int, help=default("eval_interval", "evaluate every N epochs and at "
-                                                                                   "the last"))
-    parser.add_argument("--save-interval", type=int, help=default("save_interval", "keep checkpoints/epoch_<N>.pth "
-                                                                                   "every N epochs"))
     cfg.add_run_flags(parser, defaults)
     return parser
 
@@ -67,10 +63,12 @@ def get_args_parser(defaults):
 def resolve_config(typed):
     """config_transfer_learning.json < --config < `typed` (flags or keyword arguments); on --resume the run's own
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
-    config, checkpoint, explicit = runs.resolve("pretraining", typed, LAYOUT, SCRIPT, FIXED_KEYS)
+    config, explicit = cfg.resolve("pretraining", typed)
+    config, checkpoint = runs.resume(config, explicit, LAYOUT, SCRIPT, FIXED_KEYS)
     if config["train_ann"]:
         cfg.check_data(config, explicit)
-    config["classes"] = parse_classes(config["classes"])
+    # a resumed run keeps the classes it trained (those of the requested ones that had boxes)
+    config["classes"] = list(checkpoint["class_names"]) if checkpoint else parse_classes(config["classes"])
     if config["init"] is None:
         config["init"] = "imagenet" if has_imagenet_weights(config["model_size"]) else "random"
     check_config(config)
@@ -105,7 +103,7 @@ def check_config(config):
                               "JSON), or --resume a run")
     if config["coco_root"] and config["train_ann"]:
         raise cfg.ConfigError("pass either --coco-root (COCO 2017's layout) or --train-ann, not both")
-    for key in ("epochs", "eval_interval", "save_interval", "T_0", "T_mult"):
+    for key in ("epochs", "T_0", "T_mult"):
         if config[key] < 1:
             raise cfg.ConfigError(f"{key} must be >= 1, got {config[key]}")
     if config["eta_min"] < 0 or config["warmup_iters"] < 0:
@@ -150,7 +148,7 @@ def build_data(config):
     try:
         train_ann, train_root, val_ann, val_root = data_paths(config)
         (train_data, train_root), (val_data, val_root), split = load_train_val(
-            train_ann, train_root, val_ann, val_root, config["val_fraction"], runs.saved_split(config, LAYOUT))
+            train_ann, train_root, val_ann, val_root, config["val_fraction"], runs.saved_split(config))
         classes = config["classes"]
         if isinstance(classes, list) and not config["strict_classes"]:
             classes = present_classes(classes, train_data, train_ann)
@@ -164,66 +162,52 @@ def build_data(config):
     empty = [name for name, cid in zip(train.class_names, train.category_ids) if not counts[cid]]
     if empty:
         logger.warning("classes without a box in %s (trained as negatives only): %s", train_ann, ", ".join(empty))
-    return runs.training_loader(train, config), val, train.class_names, split
+    return training_loader(train, config), val, train.class_names, split
 
 
-def build_optimizer(config, model, iters_per_epoch, lr_scale=1.0):
-    """AdamW over the backbone/FPN/head groups; linear warmup then cosine warm restarts, per iteration.
-    The warmup is capped at 3 epochs (YOLOv5's warmup_epochs): on a small data set 300 iterations can be
-    most of the run. The cap depends on the data and batch size only, so a resumed run builds the same.
-    `lr_scale` multiplies the peak rates (engine.lr_scale_factor for the global batch)."""
-    optimizer = torch.optim.AdamW(model.get_param_groups(config["backbone_lr"] * lr_scale, config["fpn_lr"] * lr_scale,
-                                                         config["head_lr"] * lr_scale, config["weight_decay"]))
-    warmup_iters = min(config["warmup_iters"], 3 * iters_per_epoch)
-    scheduler = engine.build_warmup_cosine_restarts(optimizer, warmup_iters, config["warmup_start_factor"],
-                                                    config["T_0"] * iters_per_epoch, config["T_mult"],
-                                                    config["eta_min"])
-    return optimizer, scheduler
+def begin_stage(trainer, stage):
+    """Everything trains: AdamW over the three groups, linear warmup then cosine warm restarts stepped per
+    iteration (T_0 in epochs), restored on --resume, and one DDP wrapper. The warmup is capped at
+    warmup_max_epochs (YOLOv5's warmup_epochs): on a small data set warmup_iters can be most of the run; the cap
+    depends on the data and batch size only, so a resumed run builds the same schedule."""
+    config, state = trainer.config, trainer.state
+    lrs = {group: config[f"{group}_lr"] for group in LAYER_GROUPS}
+    state.optimizer = build_optimizer(state.model, lrs, config)
+    iters_per_epoch = len(trainer.loader)
+    warmup_iters = min(config["warmup_iters"], config["warmup_max_epochs"] * iters_per_epoch)
+    state.scheduler = engine.build_warmup_cosine_restarts(state.optimizer, warmup_iters, config["warmup_start_factor"],
+                                                          config["T_0"] * iters_per_epoch, config["T_mult"],
+                                                          config["eta_min"])
+    if trainer.resume_from is not None:
+        restore_training_state(trainer.resume_from, state)
+    trainer.train_model = distributed.wrap_model(state.model, next(state.model.parameters()).device)
+    logger.info("%s, %d classes: %s", config["model_size"], state.model.num_classes, describe_trainable(state.model))
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def train(config, checkpoint=None, argv=None):
-    """Pretrain (or resume). Returns the last evaluation's metrics plus best_mAP, class_names, run_dir and the
-    checkpoint paths; {} on ranks > 0 under torchrun, where every rank trains on its shard and rank 0 evaluates,
-    logs and writes."""
+    """Pretrain (or resume). Returns the summary (also in summary.json: best and last epoch, metrics, class names,
+    the checkpoint and backbone files); {} on ranks > 0 under torchrun, where every rank trains on its shard and
+    rank 0 evaluates, logs and writes."""
     started = time.perf_counter()
-    device = runs.setup_process(config, "pretrain_multi_class.py", argv)
+    device = setup_process(config, SCRIPT_FILE, argv)
     loader, val_dataset, class_names, split = build_data(config)
-    config["classes"] = list(class_names)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
-    model, config["provenance"] = runs.build_model(config, len(class_names), checkpoint)
-    run = runs.open_run(config, class_names, LAYOUT, SCRIPT, "multi_class", checkpoint) \
-        if distributed.is_main_process() else None
+    model, provenance = build_model(config, len(class_names), checkpoint)
+    run = (runs.open_run(config, class_names, LAYOUT, SCRIPT, "multi_class", provenance, checkpoint)
+           if distributed.is_main_process() else None)
     runs.write_split(run, split)
-    session = runs.new_session(config, model, loader, val_dataset, run, device)
-    state = session.state
-    state.optimizer, state.scheduler = build_optimizer(config, state.model, len(loader), runs.lr_scale(config))
-    if checkpoint is not None:
-        engine.restore_training_state(checkpoint, state)
-    session.train_model = distributed.wrap_model(state.model, device)  # everything trains: one wrapper
-    logger.info("%s, %d classes: %s", config["model_size"], len(class_names), runs.describe_trainable(state.model))
-    metrics, epochs = None, config["epochs"]
-    with runs.faults(run, "pretrain_multi_class.py"):
-        for epoch in range(checkpoint["epoch"] + 1 if checkpoint else 1, epochs + 1):
-            evaluated = epoch % config["eval_interval"] == 0 or epoch == epochs
-            metrics = runs.train_epoch(session, {**STAGE, "first_epoch": 1, "last_epoch": epochs}, epoch, epochs,
-                                       evaluated) or metrics
-            if session.stop:
-                break
-    distributed.check_in_sync(state.model)
+    trainer = new_trainer(config, model, provenance, loader, val_dataset, run, device, checkpoint)
+    fit(trainer, [{**STAGE, "last_epoch": config["epochs"]}], begin_stage, SCRIPT_FILE)
     if run is None:
         return {}
-    names = {"last": "last_checkpoint", "best": "best_checkpoint", "last_backbone": "last_backbone",
-             "best_backbone": "best_backbone"}
-    summary = runs.close_run(run, names)
-    paths = {name: summary[name] for name in names.values()}
-    line = runs.final_line(summary, paths["best_checkpoint"], time.perf_counter() - started, stages=False)
-    if paths["best_checkpoint"]:
-        line += f"; to fine-tune from it: --init {paths['best_checkpoint']} (or its backbone, {paths['best_backbone']})"
+    summary = runs.close_run(run)
+    line = runs.final_line(summary, time.perf_counter() - started, stages=False)
+    if summary["best_model"]:
+        line += f"; to fine-tune from it: --init {summary['best_model']} (or its backbone, {summary['best_backbone']})"
     logger.info(line)
-    return {**(metrics or {}), "best_mAP": run.best_map, "epochs": epochs, "class_names": list(class_names),
-            "run_dir": run.run_dir, **paths}
+    return summary
 
 
 def pretrain(**settings):
@@ -241,7 +225,7 @@ def main(argv=None):
 
 def run(argv=None):
     """Command-line entry: bad input is one line on stderr and exit status 2, not a traceback."""
-    cfg.run_cli(main, argv)
+    cfg.run_cli(main, argv, bad_input=cfg.TRAINING_INPUT_ERRORS)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ class _Reader:
         from PIL import Image
 
         from dataset_coco import load_image
-        from model_lightweight import letterbox
+        from inference import letterbox
         while self.paths:
             path = self.paths.pop(0)
             try:

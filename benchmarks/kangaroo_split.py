@@ -14,7 +14,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from annotations import read_voc, subset, write_coco  # noqa: E402
+from annotations import read_voc, subset  # noqa: E402
+from config import write_json_atomic  # noqa: E402
 
 EVERY = 5  # every fifth image by sorted name is validation
 
@@ -35,7 +36,7 @@ def main(argv=None):
     train, val, image_root = split(args.voc)
     os.makedirs(args.out, exist_ok=True)
     for name, data in (("train", train), ("val", val)):
-        write_coco(data, os.path.join(args.out, f"{name}.json"))
+        write_json_atomic(data, os.path.join(args.out, f"{name}.json"), indent=None)
         print(f"{name}: {len(data['images'])} images, {len(data['annotations'])} boxes -> "
               f"{os.path.join(args.out, name + '.json')} (images under {image_root})")
 

@@ -37,8 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from dataset_coco import CocoDetectionDataset, build_dataloader, build_transforms  # noqa: E402
+from inference import letterbox  # noqa: E402
 from losses import DetectionLoss  # noqa: E402
-from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model, letterbox  # noqa: E402
+from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model  # noqa: E402
 from synthetic_data import write_shapes_split  # noqa: E402
 
 BASELINE = "ssdlite320"
@@ -177,7 +178,7 @@ DEPLOY_CONF = 0.25  # every detector keeps what scores at least this (Ultralytic
 
 def unfused_predict(model, frame, conf_threshold=DEPLOY_CONF):
     """model.predict() without its BatchNorm-fused copy: the BatchNorm passes run."""
-    from model_lightweight import letterbox_groups, unletterbox
+    from inference import letterbox_groups, unletterbox
     results = []
     for _, batch, ratios in letterbox_groups([frame], model.img_size):
         results += unletterbox(model.postprocess(model(batch), conf_threshold), ratios, [frame.shape[-2:]])
@@ -187,7 +188,7 @@ def unfused_predict(model, frame, conf_threshold=DEPLOY_CONF):
 def exported(model, folder, name, img_size, calibration):
     """(float, INT8) OrtDetectors of `model`, exported and quantised in `folder` with export.py's own code."""
     import export
-    from model_lightweight import model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
     from ort_detector import OrtDetector
     checkpoint = os.path.join(folder, f"{name}.pth")
     save_checkpoint(model_checkpoint(model, [f"class{i}" for i in range(model.num_classes)]), checkpoint)
@@ -208,7 +209,7 @@ def ultralytics_peers(img_size, folder):
         return {}
     import onnxruntime
     import warnings
-    from ort_detector import session_options
+    from export import session_options
     peers = {}
     for name, yaml in PEERS.items():
         model = YOLO(yaml)

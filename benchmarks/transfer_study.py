@@ -2,7 +2,7 @@
 
     python benchmarks/transfer_study.py                  # synthetic whiteline, nano, 12 epochs, seeds 0 1 2
     python benchmarks/transfer_study.py --arms scratch three_stage naive heads_only --epochs 20 --workers 2
-    python benchmarks/transfer_study.py --pretrained pretrain_results/multi_class_<stamp>/checkpoints/best.pth \\
+    python benchmarks/transfer_study.py --pretrained pretrain_results/multi_class_<stamp>/best_model.pth \\
         --class-name whiteline --train-root datasets/inaoka/train/JPEGImages \\
         --train-ann datasets/inaoka/train/annotations.json --val-root datasets/inaoka/val \\
         --val-ann datasets/inaoka/val/annotations.json
@@ -50,7 +50,8 @@ import finetune_single_class  # noqa: E402
 from finetune_single_class import split_epochs  # noqa: E402
 import pretrain_multi_class  # noqa: E402
 import runs  # noqa: E402
-from model_lightweight import MODEL_SIZES, has_imagenet_weights, init_model_size  # noqa: E402
+from checkpoints import init_model_size  # noqa: E402
+from model_lightweight import MODEL_SIZES, has_imagenet_weights  # noqa: E402
 from synthetic_data import SCENE_CLASSES, make_dataset  # noqa: E402
 
 logger = logging.getLogger("transfer_study")
@@ -77,7 +78,7 @@ def get_args_parser():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
                         help="size of scratch and the pretrained arms (default: --pretrained's, else nano)")
-    parser.add_argument("--pretrained", help="multi-class pretraining checkpoint of that size (checkpoints/best.pth; "
+    parser.add_argument("--pretrained", help="multi-class pretraining checkpoint of that size (best_model.pth; "
                                              "default: pretrain one here on the synthetic scenes)")
     parser.add_argument("--pretrained-lite0", help="lite0 pretraining checkpoint (best.pth or best_backbone.pth) "
                                                    "for lite0_imagenet_coco (default: pretrain one here)")
@@ -294,14 +295,14 @@ def load_schedule_config(path):
     overrides = {}
     if path:
         data = cfg.load_json(path)
-        overrides = cfg.config_sections(data, "finetuning")
+        overrides = cfg.renamed(cfg.config_sections(data, "finetuning"), path)
         cfg.check_types(overrides, finetune, path)
         taken = sorted(set(overrides) & set(STUDY_KEYS))
         if taken:
             raise cfg.ConfigError(f"{path} sets {taken[0]!r}, which the study sets for every arm from its own "
                                      f"flags; remove it from the file")
         if "pretraining" in data:
-            own = cfg.config_sections(data, "pretraining")
+            own = cfg.renamed(cfg.config_sections(data, "pretraining"), path)
             cfg.check_types(own, cfg.script_defaults("pretraining"), path)
             pretrain.update(own)
         finetune.update(overrides)
@@ -489,8 +490,8 @@ def pretrain_here(model_size, args, runs_dir):
     folder = os.path.join(runs_dir, f"pretrain_{model_size}")
     argv = ["--coco-root", root, "--config", os.path.join(folder, RUN_CONFIG), "--output-dir", folder]
     result = run_or_reuse(folder, pretrain_multi_class.main, argv + runtime_flags(args),
-                          pretrain_schedule(model_size, args), lambda r: os.path.isfile(r["last_checkpoint"]))
-    return result["best_checkpoint"] or result["last_checkpoint"]
+                          pretrain_schedule(model_size, args), lambda r: os.path.isfile(r.get("last_model") or ""))
+    return result["best_model"] or result["last_model"]
 
 
 def study_weights(args, runs_dir):

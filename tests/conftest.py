@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import finetune_single_class
-from model_lightweight import create_lightweight_model, save_checkpoint
+import trainer
+from checkpoints import save_checkpoint
+from model_lightweight import create_lightweight_model
 from synthetic_data import write_coco_layout, write_shapes_split
 
 
@@ -67,6 +69,27 @@ def make_coco(tmp_path):
         return write_coco_json(tmp_path / name, categories, images, annotations), str(image_root)
     return build
 
+
+# ---- runs without their pictures --------------------------------------------------------------------------------
+RUN_PICTURES = ("plot_run", "log_validation_images", "write_val_predictions")  # trainer.finish_epoch's drawings
+
+
+def skip_run_pictures(monkeypatch):
+    """Training runs in this test draw no results.png, TensorBoard images or val_predictions.jpg.
+
+    Drawing them takes most of a tiny run's time, and they draw no random numbers and change no weights, so
+    metrics.csv and the checkpoints stay bit for bit the same. For tests that read none of them; the tests of the
+    results files keep drawing."""
+    for name in RUN_PICTURES:
+        monkeypatch.setattr(trainer, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def no_run_pictures(monkeypatch):
+    """skip_run_pictures for one test."""
+    skip_run_pictures(monkeypatch)
+
+
 # ---- bad input and faults: a data set, flags and helpers shared by the modules that test them ------------------
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -111,6 +134,15 @@ def fault_data(tmp_path_factory):
     torch.save({"model_state_dict": {"w": Evil(str(root / "PWNED"))}}, root / "evil.pth")
     (root / "flat.json").write_text(json.dumps(STAGES))
     return root
+
+
+@pytest.fixture(scope="session")
+def one_epoch_finetune(fault_data, tmp_path_factory):
+    """The summary of a finished one-epoch fine-tuning (stage 1 alone) on fault_data, every results file drawn,
+    shared by the tests that read a run's files."""
+    root = tmp_path_factory.mktemp("one_epoch_finetune")
+    config = write_json(root / "one_epoch.json", {**STAGES, "stage2_epochs": 0})
+    return finetune_single_class.main(finetune_args(fault_data, root / "runs", **{"--config": config}))
 
 
 def finetune_args(fault_data, output_dir, **overrides):

@@ -33,19 +33,19 @@ def test_bf16_autocast_overfits_one_batch_in_float32_weights(shapes_dataset):
     assert all(tensor.dtype == torch.float32 for tensor in model.state_dict().values() if tensor.is_floating_point())
 
 
-def test_amp_pretraining_checkpoint_is_float32_and_loads(tmp_path):
+def test_amp_pretraining_checkpoint_is_float32_and_loads(tmp_path, no_run_pictures):
     write_coco_layout(str(tmp_path / "coco"), ["person", "car"], num_train=4, num_val=2, img_size=64, seed=0)
     result = pretrain.main(["--coco-root", str(tmp_path / "coco"), "--epochs", "1", "--batch-size", "4", "--amp",
                             "--model-size", "nano", "--img-size", "64", "--workers", "0", "--device", "cpu",
                             "--no-progress", "--output-dir", str(tmp_path / "runs")])
-    checkpoint = torch.load(result["last_checkpoint"], weights_only=True)
+    checkpoint = torch.load(result["last_model"], weights_only=True)
     assert checkpoint["config"]["amp"] is True
     for key in ("model_state_dict", "train_state_dict"):  # the EMA (inference) weights and the raw ones
         for name, tensor in checkpoint[key].items():
             assert not tensor.is_floating_point() or tensor.dtype == torch.float32, (key, name, tensor.dtype)
     backbone = torch.load(result["last_backbone"], weights_only=True)
     assert all(t.dtype == torch.float32 for t in backbone["backbone_state_dict"].values() if t.is_floating_point())
-    model = load_model(result["last_checkpoint"])  # a float32 model, strict load
+    model = load_model(result["last_model"])  # a float32 model, strict load
     assert next(model.parameters()).dtype == torch.float32
 
 

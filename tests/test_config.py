@@ -1,6 +1,7 @@
 """config.py and the scripts' configuration: one source of defaults, the precedence of file, --config and flags,
 and bad input as one line and exit status 2 (the scripts' command-line entries run in-process, so each row costs
 a config check rather than a Python start-up)."""
+import logging
 import os
 
 import pytest
@@ -71,7 +72,7 @@ BAD_PRETRAIN = {
     "epochs_negative": (["--epochs", "-1"], "epochs must be >= 1, got -1"),
     "batch_size_zero": (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
     "img_size_not_multiple": (["--img-size", "100"], "img_size 100 is not a positive multiple of 32; use 96"),
-    "resume_missing": (["--resume", "/nowhere/checkpoints/last.pth"], "--resume checkpoint not found"),
+    "resume_missing": (["--resume", "/nowhere/last_model.pth"], "--resume checkpoint not found"),
     "resume_corrupt": (["--resume", "{data}/corrupt.pth"], "is not a readable torch checkpoint"),
 }
 
@@ -105,7 +106,7 @@ def test_every_default_comes_from_the_config_file(fault_data, tmp_path):
     flags' help quotes it."""
     data = config.load_json(config.DEFAULT_CONFIG_PATH)
     resolved = finetune.parse_config(finetune_args(fault_data, tmp_path)[2:])  # without --config
-    for key, value in {**data["optimization"], **data["finetuning"]}.items():
+    for key, value in config.config_sections(data, "finetuning").items():
         if not key.startswith("_") and key not in ("init", "model_size", "img_size", "batch_size", "workers",
                                                     "class_name", "train_ann", "train_root", "val_ann", "val_root",
                                                     "output_dir"):
@@ -157,3 +158,72 @@ def test_the_exit_code_policy(error, status, capsys):
     assert exit_info.value.code == status
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---- each default written once: "shared", "inference", renamed keys (issue #25) -----------------------------------
+def _settings(section):
+    return {key: value for key, value in section.items() if not key.startswith("_")}
+
+
+def test_the_files_shared_and_inference_values_reach_both_scripts_and_the_commands(fault_data, tmp_path,
+                                                                                  monkeypatch):
+    """Edit "shared" and "inference" in the defaults file, and both training scripts' resolved configs, the flags
+    of predict.py, evaluate.py and export.py, a new model's threshold and predict()'s NMS settings follow."""
+    import evaluate
+    import export
+    import predict
+    from inference import detection_settings
+    from model_lightweight import create_lightweight_model
+    data = config.load_json(config.DEFAULT_CONFIG_PATH)
+    data["shared"].update(report_threshold=0.4, log_interval=7, patience=3, seed=5)
+    data["inference"].update(conf_threshold=0.35, iou_threshold=0.45, max_detections=50)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", write_json(tmp_path / "defaults.json", data))
+    shared = _settings(data["shared"])
+    finetuned = finetune.parse_config(finetune_args(fault_data, tmp_path)[2:])  # without --config
+    pretrained, _ = pretrain.resolve_config(pretrain.typed_flags(["--coco-root", str(fault_data / "coco"),
+                                                                   "--output-dir", str(tmp_path)]))
+    typed = {"init", "img_size", "workers", "train_ann", "train_root", "val_ann", "val_root"}  # by finetune_args
+    for resolved, skipped in ((finetuned, typed), (pretrained, {"init"})):  # the scripts resolve a null init
+        assert {key: resolved[key] for key in shared if key not in skipped} == \
+               {key: value for key, value in shared.items() if key not in skipped}
+    for parser, argv in ((predict.get_args_parser(), []), (evaluate.get_args_parser(), ["--ann", "a.json"]),
+                         (export.get_args_parser(), ["--checkpoint", "m.pth"])):
+        args = parser.parse_args(argv)
+        assert args.conf is None and args.iou == 0.45  # --conf None: the checkpoint's calibrated threshold
+        assert "else 0.35)" in " ".join(parser.format_help().split())
+        assert getattr(args, "max_det", 50) == 50
+    model = create_lightweight_model(1, "nano", img_size=64)
+    assert model.conf_threshold == 0.35 and detection_settings(model) == (0.35, 0.45, 50)
+    assert config.inference_defaults()["report_threshold"] == 0.4  # evaluate()'s P/R/F1 threshold
+
+
+def test_old_key_names_warn_once_and_count_under_their_new_names(fault_data, tmp_path, caplog):
+    """conf_threshold (the P/R/F1 threshold of training) is now report_threshold and print_freq log_interval: a
+    --config file copied from before "shared" existed resolves as the file does, each old key a one-line warning;
+    --print-freq stays as a hidden alias and a resumed old run reads its own config under the new names."""
+    data = config.load_json(config.DEFAULT_CONFIG_PATH)
+    old_names = {new: old for old, new in config.RENAMED_KEYS.items()}
+    shared = {old_names.get(key, key): value for key, value in _settings(data["shared"]).items()
+              if key != "val_fraction"}  # a set val_fraction and --val-ann are refused together
+    old_file = {section: {**shared, **_settings(data[section])} for section in ("pretraining", "finetuning")}
+    old_file["finetuning"].update(STAGES, conf_threshold=0.3, print_freq=5)
+    old_file["optimization"] = data["optimization"]
+    path = write_json(tmp_path / "old.json", old_file)
+    with caplog.at_level(logging.WARNING, logger="config"):
+        resolved = finetune.parse_config(finetune_args(fault_data, tmp_path, **{"--config": path}))
+    expected = finetune.parse_config(finetune_args(fault_data, tmp_path))
+    assert {**resolved, "config": None} == {**expected, "config": None, "report_threshold": 0.3, "log_interval": 5}
+    warnings = [record.getMessage() for record in caplog.records if record.name == "config"]
+    assert len(warnings) == 2 and all(str(path) in line and "\n" not in line for line in warnings), warnings
+    assert "'conf_threshold' is now 'report_threshold'" in warnings[0]
+
+    parser = finetune.get_args_parser(config.script_defaults("finetuning"))
+    assert vars(parser.parse_args(["--print-freq", "9"])) == vars(parser.parse_args(["--log-interval", "9"])) == \
+           {"log_interval": 9}
+    help_text = parser.format_help()
+    assert "--log-interval" in help_text and "--report-threshold" in help_text and "--print-freq" not in help_text
+    with pytest.raises(config.ConfigError, match="sets both 'conf_threshold' and 'report_threshold'"):
+        config.resolve("finetuning", {"conf_threshold": 0.3, "report_threshold": 0.4})
+    old_run = config.resumed(expected, {"conf_threshold": 0.2, "print_freq": 3}, {}, (), "last_model.pth")
+    assert (old_run["report_threshold"], old_run["log_interval"]) == (0.2, 3)
+    assert not set(config.RENAMED_KEYS) & set(old_run)

@@ -21,7 +21,8 @@ from dataset_coco import CocoDetectionDataset
 from synthetic_data import write_coco_layout, write_shapes_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--batch-size", "2", "--model-size", "nano", "--img-size", "64", "--workers", "0", "--device", "cpu"]
+COMMON = ["--batch-size", "2", "--model-size", "nano", "--img-size", "64", "--workers", "0", "--device", "cpu",
+          "--no-plots"]
 FINETUNE = {"stage1_epochs": 1, "stage2_epochs": 0, "stage3_epochs": 1, "stage3_head_lr": 5e-4, "progress": False}
 
 

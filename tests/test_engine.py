@@ -44,10 +44,10 @@ def test_nonfinite_step_is_skipped_and_counted(fault_data):
     assert state.nonfinite_streak == 0 and np.isfinite(metrics["loss"])
 
 
-def test_same_seed_same_loss_curve_on_cpu(fault_data, tmp_path):
+def test_same_seed_same_loss_curve_on_cpu(fault_data, tmp_path, no_run_pictures):
     argv = ["--coco-root", str(fault_data / "coco"), "--epochs", "2", *FAST_PRETRAIN, "--seed", "3"]
     first = pretrain.main(argv + ["--output-dir", str(tmp_path / "a")])
     second = pretrain.main(argv + ["--output-dir", str(tmp_path / "b")])
     assert loss_curve(first["run_dir"]) == loss_curve(second["run_dir"])
-    a, b = (torch.load(r["last_checkpoint"], weights_only=True)["train_state_dict"] for r in (first, second))
+    a, b = (torch.load(r["last_model"], weights_only=True)["train_state_dict"] for r in (first, second))
     assert all(torch.equal(a[k], b[k]) for k in a)

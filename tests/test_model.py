@@ -1,15 +1,11 @@
-"""Contracts of model_lightweight: shapes, layer groups, freezing, param groups, weight transfer, predict."""
-import os
-
+"""Contracts of model_lightweight: shapes, layer groups, freezing, param groups, weight transfer, predict,
+BatchNorm fusion."""
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import pretrain_multi_class as pretrain
-from conftest import REPO, exits_with_one_line, finetune_args, finetune_cli
-
-from model_lightweight import (MODEL_SIZES, count_macs, create_lightweight_model, load_model, model_checkpoint,
-                               save_checkpoint)
+from checkpoints import model_checkpoint, save_checkpoint
+from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model, fuse_batchnorm, load_model
 
 
 @pytest.fixture
@@ -92,11 +88,11 @@ def test_param_groups_cover_trainable_parameters_exactly_once(model):
     torch.optim.AdamW(groups)  # accepted by a real optimizer
 
 
-def test_replace_heads_keeps_class_agnostic_weights(model):
+def test_reset_classifier_keeps_class_agnostic_weights(model):
     box_before = model.head.box_pred.weight.clone()
     branch_before = model.head.cls_branch.layers[0].conv.weight.clone()
-    model.replace_detection_heads(1)
-    assert model.num_classes == 1 and model.model_config["num_classes"] == 1
+    model.head.reset_classifier(1)
+    assert model.num_classes == 1
     assert model(torch.rand(1, 3, 64, 64))["cls_logits"].shape[-1] == 1
     assert torch.equal(model.head.box_pred.weight, box_before)
     assert torch.equal(model.head.cls_branch.layers[0].conv.weight, branch_before)
@@ -143,18 +139,6 @@ def test_load_backbone_missing_keys_strict_and_not(tmp_path, model):
         create_lightweight_model(3, "nano").load_backbone_weights(path)
     report = create_lightweight_model(3, "nano").load_backbone_weights(path, strict=False)
     assert report["missing_keys"] == [dropped]
-
-
-def test_checkpoint_roundtrip_with_weights_only(tmp_path, model):
-    path = tmp_path / "model.pth"
-    save_checkpoint(model_checkpoint(model, ["a", "b", "c"], epoch=3), path)
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["epoch"] == 3 and checkpoint["model_config"]["model_size"] == "nano"
-    loaded = load_model(path)
-    assert loaded.class_names == ["a", "b", "c"] and not loaded.training
-    images = torch.rand(1, 3, 64, 64)
-    model.eval()
-    assert torch.equal(loaded(images)["cls_logits"], model(images)["cls_logits"])
 
 
 def test_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path, model):
@@ -206,7 +190,6 @@ def test_unknown_size_and_bad_img_size_are_clear_errors():
 def test_predict_defaults_to_the_checkpoint_threshold(tmp_path):
     """A fine-tuned checkpoint stores its calibrated threshold: load_model reads it and predict() keeps what
     scores at or above it unless told otherwise; a checkpoint without one defaults to 0.25."""
-    from model_lightweight import load_model, model_checkpoint, save_checkpoint
     torch.manual_seed(0)
     model = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False)
     image = torch.rand(3, 64, 64)
@@ -224,38 +207,10 @@ def test_predict_defaults_to_the_checkpoint_threshold(tmp_path):
     assert load_model(tmp_path / "plain.pth").conf_threshold == 0.25
 
 
-def test_malicious_pickle_never_runs(fault_data, tmp_path, monkeypatch, capsys):
-    marker, evil = fault_data / "PWNED", str(fault_data / "evil.pth")
-    line = exits_with_one_line(capsys, finetune_cli(monkeypatch, finetune_args(
-        fault_data, tmp_path, **{"--pretrained-backbone": evil})))
-    assert "refused: it would run" in line and "io.open" in line and evil in line
-    line = exits_with_one_line(capsys, finetune_cli(monkeypatch, ["--resume", evil]))
-    assert "refused: it would run" in line
-    line = exits_with_one_line(capsys, lambda: pretrain.run(["--resume", evil]))
-    assert "refused: it would run" in line
-    with pytest.raises(ValueError, match="refused: it would run io.open") as error:
-        load_model(evil)
-    assert "\n" not in str(error.value)
-    assert not marker.exists()
-    torch.load(evil, weights_only=False)  # the file really is malicious: an unsafe load creates the marker
-    assert marker.exists()
-    marker.unlink()
-
-
-def test_every_torch_load_is_weights_only():
-    for name in sorted(os.listdir(REPO)):
-        if name.endswith(".py"):
-            text = open(os.path.join(REPO, name)).read()
-            for start in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
-                call = text[start:text.index(")", start) + 1]
-                assert "weights_only=True" in call, (name, call)
-
-
 def test_predict_runs_a_fused_copy_never_stale_after_a_weight_change():
     """predict() gets the BatchNorm-fused speed by itself: a fused copy made on the first call, made again after a
     training step (even one taken in eval mode), load_state_dict or .to(); never served with old weights."""
     from losses import DetectionLoss
-    from model_lightweight import fuse_batchnorm
     torch.manual_seed(0)
     model = create_lightweight_model(1, "nano", img_size=64, imagenet_pretrained=False).eval()
     image = torch.rand(3, 48, 64)
@@ -303,3 +258,67 @@ def test_predict_results_carry_class_names_and_draw_and_save(tmp_path):
     assert Image.open(tmp_path / "drawn.jpg").size == (90, 50)
     (unnamed,) = model.eval().predict(image, conf_threshold=0.0, max_detections=6)
     assert unnamed.names == [str(i) for i in unnamed["labels"].tolist()]
+
+
+# ---- BatchNorm fusion ---------------------------------------------------------------------------------------
+def trained_statistics_model():
+    """A nano model whose BatchNorms hold non-trivial statistics and affine weights, as after training."""
+    torch.manual_seed(0)
+    model = create_lightweight_model(3, "nano", img_size=64)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_fuse_matches_unfused_and_is_inference_only():
+    model = trained_statistics_model()
+    fused = create_lightweight_model(3, "nano", img_size=64)
+    fused.load_state_dict(model.state_dict())
+    assert fused.fuse() is fused
+    assert not any(isinstance(m, _BatchNorm) for m in fused.modules())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(images), fused(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    want, got = model.predict(frame, conf_threshold=0.0)[0], fused.predict(frame, conf_threshold=0.0)[0]
+    assert len(want["boxes"]) > 0 and torch.equal(got["labels"], want["labels"])
+    torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="fused"):
+        fused.train()
+
+
+def test_fused_model_equals_unfused():
+    model = trained_statistics_model()
+    fused = fuse_batchnorm(model)
+    assert not any(isinstance(m, _BatchNorm) for m in fused.modules())
+    assert any(isinstance(m, _BatchNorm) for m in model.modules())  # the original is untouched
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(images), fused(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_fused_predict_matches_eager():
+    """model.fuse().compile() (predict.py --compile, speed.py's compiled column) computes what eager does."""
+    model = trained_statistics_model()
+    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    compiled_model = create_lightweight_model(3, "nano", img_size=64)
+    compiled_model.load_state_dict(model.state_dict())
+    compiled_model.fuse().compile()
+    with torch.no_grad():
+        eager_out, compiled_out = model(images), compiled_model(images)
+    for key in ("cls_logits", "box_ltrb"):
+        torch.testing.assert_close(compiled_out[key], eager_out[key], atol=1e-4, rtol=1e-4)
+    eager, compiled = model.predict(frame, conf_threshold=0.001)[0], compiled_model.predict(frame, conf_threshold=0.001)[0]
+    assert len(eager["boxes"]) > 0 and len(compiled["boxes"]) > 0  # top detection: NMS always keeps it
+    torch.testing.assert_close(compiled["boxes"][0], eager["boxes"][0], atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)

@@ -125,6 +125,23 @@ def test_a_glob_that_matches_nothing_says_no_images_found(setup, tmp_path):
         predict.main(predict_args(setup, tmp_path / "*.jpg", tmp_path / "out"))
 
 
+def test_predict_finds_the_tiff_images_that_training_reads(setup, tmp_path):
+    """One list of image extensions (annotations.IMAGE_EXTENSIONS): a TIFF data set that trains is one that
+    predict.py --source reads, not "no images"."""
+    from annotations import read_annotations
+    from dataset_coco import CocoDetectionDataset
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "labels").mkdir()
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(tmp_path / "ds" / "images" / "a.tif")
+    (tmp_path / "ds" / "labels" / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "ds" / "labels" / "classes.txt").write_text("thing\n")
+    data, root, _ = read_annotations(str(tmp_path / "ds" / "labels"))
+    image, target = CocoDetectionDataset(data, root, transforms=None)[0]
+    assert image.shape == (3, 48, 64) and len(target["boxes_xyxy"]) == 1
+    summary = predict.main(predict_args(setup, tmp_path / "ds" / "images", tmp_path / "out"))
+    assert summary["images"] == 1 and (tmp_path / "out" / "a.tif").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- drawing (issue #26)
 
 GREY = (128, 128, 128)

@@ -22,8 +22,10 @@ from torch import nn
 
 import export
 import predict
+from checkpoints import model_checkpoint, save_checkpoint
 from dataset_coco import load_image
-from model_lightweight import create_lightweight_model, letterbox, load_model, model_checkpoint, save_checkpoint
+from inference import letterbox
+from model_lightweight import create_lightweight_model, load_model
 from synthetic_data import write_shapes_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,18 +161,6 @@ def test_predict_cli_errors_are_one_line(setup, tmp_path, case):
 
 
 # ---------------------------------------------------------------------------------------------- export
-
-def test_fused_model_equals_unfused(setup):
-    model = load_model(setup["checkpoint"])
-    fused = export.fuse_batchnorm(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want, got = model(images), fused(images)
-    for key in ("cls_logits", "box_ltrb"):
-        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
-
 
 def pytorch_outputs(model, images):
     with torch.no_grad():

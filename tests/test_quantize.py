@@ -6,7 +6,8 @@ import pytest
 
 import export
 import quantize
-from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+from checkpoints import model_checkpoint, save_checkpoint
+from model_lightweight import create_lightweight_model
 from synthetic_data import write_shapes_split
 
 

@@ -134,7 +134,8 @@ CHECK_INSTALLED = """
 import os, sys
 import config
 from finetune_single_class import finetune
-from model_lightweight import STARTER_PATH, create_lightweight_model
+from checkpoints import STARTER_PATH
+from model_lightweight import create_lightweight_model
 root = os.path.realpath(sys.argv[1]) + os.sep
 for path in (config.__file__, config.DEFAULT_CONFIG_PATH, STARTER_PATH):
     assert os.path.realpath(path).startswith(root), f"{path} is not in the installed copy {root}"

@@ -15,7 +15,7 @@ import evaluate
 import export
 import finetune_single_class
 import predict
-from conftest import exits_with_one_line
+from conftest import exits_with_one_line, skip_run_pictures
 from synthetic_data import write_shapes_split
 from test_annotations import write_voc
 
@@ -26,10 +26,12 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_folder")
     coco = write_shapes_split(root / "images", root / "coco.json", 16, ["thing"], img_size=64, seed=2)
     annots = write_voc(json.loads(open(coco).read()), root / "images", root / "photos")
-    summary = finetune_single_class.finetune(
-        train_ann=annots, val_fraction=0.25, model_size="nano", init="random", epochs=None, stage1_epochs=1,
-        stage2_epochs=0, stage3_epochs=0, img_size=64, batch_size=4, workers=0, device="cpu",
-        output_dir=str(root / "runs"), progress=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        skip_run_pictures(monkeypatch)
+        summary = finetune_single_class.finetune(
+            train_ann=annots, val_fraction=0.25, model_size="nano", init="random", epochs=None, stage1_epochs=1,
+            stage2_epochs=0, stage3_epochs=0, img_size=64, batch_size=4, workers=0, device="cpu",
+            output_dir=str(root / "runs"), progress=False)
     run_dir = summary["run_dir"]
     split = json.loads(open(os.path.join(run_dir, "split.json")).read())
     assert split["train"] and split["val"] and len(split["train"]) + len(split["val"]) == 16

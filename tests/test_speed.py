@@ -1,13 +1,13 @@
-"""Speed work keeps outputs identical (model.fuse()), and benchmarks/speed.py keeps running."""
+"""Speed work keeps outputs identical (channels_last, the uint8 letterbox), and benchmarks/speed.py keeps running;
+BatchNorm fusion's tests are in test_model.py."""
 import importlib.util
 import os
 from argparse import Namespace
 
 import pytest
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from model_lightweight import create_lightweight_model
+from test_model import trained_statistics_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,38 +17,6 @@ def load_speed():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def trained_statistics_model():
-    """A nano model whose BatchNorms hold non-trivial statistics and affine weights, as after training."""
-    torch.manual_seed(0)
-    model = create_lightweight_model(3, "nano", img_size=64)
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
-def test_fuse_matches_unfused_and_is_inference_only():
-    model = trained_statistics_model()
-    fused = create_lightweight_model(3, "nano", img_size=64)
-    fused.load_state_dict(model.state_dict())
-    assert fused.fuse() is fused
-    assert not any(isinstance(m, _BatchNorm) for m in fused.modules())
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want, got = model(images), fused(images)
-    for key in ("cls_logits", "box_ltrb"):
-        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
-    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
-    want, got = model.predict(frame, conf_threshold=0.0)[0], fused.predict(frame, conf_threshold=0.0)[0]
-    assert len(want["boxes"]) > 0 and torch.equal(got["labels"], want["labels"])
-    torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=1e-4)
-    with pytest.raises(RuntimeError, match="fused"):
-        fused.train()
 
 
 def test_predict_keeps_the_training_mode():
@@ -88,25 +56,6 @@ def test_speed_script_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_fused_predict_matches_eager():
-    """model.fuse().compile() (predict.py --compile, speed.py's compiled column) computes what eager does."""
-    model = trained_statistics_model()
-    frame = (torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    compiled_model = create_lightweight_model(3, "nano", img_size=64)
-    compiled_model.load_state_dict(model.state_dict())
-    compiled_model.fuse().compile()
-    with torch.no_grad():
-        eager_out, compiled_out = model(images), compiled_model(images)
-    for key in ("cls_logits", "box_ltrb"):
-        torch.testing.assert_close(compiled_out[key], eager_out[key], atol=1e-4, rtol=1e-4)
-    eager, compiled = model.predict(frame, conf_threshold=0.001)[0], compiled_model.predict(frame, conf_threshold=0.001)[0]
-    assert len(eager["boxes"]) > 0 and len(compiled["boxes"]) > 0  # top detection: NMS always keeps it
-    torch.testing.assert_close(compiled["boxes"][0], eager["boxes"][0], atol=1e-2, rtol=1e-3)
-    torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.slow
 def test_speed_training_rounds_pool_the_steps_of_every_process():
     speed = load_speed()
     args = Namespace(img_size=64, batch_size=2, num_classes=3, train_steps=2, train_warmup=0, train_rounds=2)
@@ -122,7 +71,7 @@ def test_letterbox_of_uint8_equals_the_letterbox_data_transform():
     from torchvision import tv_tensors
 
     from dataset_coco import build_transforms
-    from model_lightweight import letterbox
+    from inference import letterbox
     image = (torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
     boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10.0, 50.0, 40.0]]), format="XYXY", canvas_size=(90, 120))
     want, _ = build_transforms("letterbox", 64)(tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([0])})

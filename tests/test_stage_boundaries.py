@@ -13,6 +13,7 @@ import pytest
 
 import finetune_single_class as finetune
 import pretrain_multi_class as pretrain
+from conftest import skip_run_pictures
 from synthetic_data import write_coco_layout, write_shapes_split
 
 pytestmark = pytest.mark.slow
@@ -30,12 +31,14 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("boundaries")
     write_shapes_split(root / "train", root / "train.json", 16, ["square"], img_size=96, seed=0)
     write_coco_layout(root / "coco", ["square", "circle", "ring"], num_train=24, num_val=8, img_size=96)
-    result = pretrain.main(["--coco-root", str(root / "coco"), "--classes", "3", "--epochs", "20",
-                            "--batch-size", "4", "--eval-interval", "20", "--model-size", "nano", "--img-size", "96",
-                            "--workers", "0", "--device", "cpu", "--output-dir", str(root / "pretrain"),
-                            "--no-progress"])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        skip_run_pictures(monkeypatch)
+        result = pretrain.main(["--coco-root", str(root / "coco"), "--classes", "3", "--epochs", "20",
+                                "--batch-size", "4", "--eval-interval", "20", "--model-size", "nano", "--img-size",
+                                "96", "--workers", "0", "--device", "cpu", "--output-dir", str(root / "pretrain"),
+                                "--no-progress"])
     (root / "schedule.json").write_text(json.dumps(SCHEDULE))
-    return {"root": root, "full": result["last_checkpoint"], "backbone": result["last_backbone"]}
+    return {"root": root, "full": result["last_model"], "backbone": result["last_backbone"]}
 
 
 def stage_curve(shapes, tmp_path, init_flags):
@@ -59,10 +62,10 @@ def assert_no_collapse(curve):
 
 
 @pytest.mark.parametrize("init", ["backbone", "full"])
-def test_no_collapse_from_a_pretrained_nano(shapes, tmp_path, init):
+def test_no_collapse_from_a_pretrained_nano(shapes, tmp_path, init, no_run_pictures):
     assert_no_collapse(stage_curve(shapes, tmp_path, ["--model-size", "nano", "--pretrained-backbone",
                                                       shapes[init]]))
 
 
-def test_no_collapse_from_lite0_imagenet(shapes, tmp_path):
+def test_no_collapse_from_lite0_imagenet(shapes, tmp_path, no_run_pictures):
     assert_no_collapse(stage_curve(shapes, tmp_path, ["--model-size", "lite0", "--init", "imagenet"]))

@@ -97,7 +97,8 @@ def test_every_arm_argv_is_a_valid_finetune_command_with_its_schedule(study, tmp
     data = {key: str(tmp_path / key) for key in study.DATA_KEYS}
     for path in data.values():
         Path(path).touch()
-    from model_lightweight import create_lightweight_model, save_checkpoint
+    from checkpoints import save_checkpoint
+    from model_lightweight import create_lightweight_model
     weights = {"model_size": "nano", "pretrained": str(tmp_path / "nano.pth"),
                "pretrained_lite0": str(tmp_path / "lite0.pth"), "starts": {}}
     for size in ("nano", "lite0"):
@@ -162,7 +163,8 @@ def test_bad_input_is_one_clear_error_before_anything_trains(study, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-def test_micro_study_end_to_end_then_reuses_every_run(study, tmp_path):
+@pytest.mark.slow
+def test_micro_study_end_to_end_then_reuses_every_run(study, tmp_path, no_run_pictures):
     out = tmp_path / "study"
     arms = ["scratch", "three_stage", "heads_only"]
     argv = ["--arms", *arms, "--seeds", "0", "--epochs", "3", "--img-size", "64", "--num-train", "8", "--num-val", "4",
@@ -201,7 +203,8 @@ def test_micro_study_end_to_end_then_reuses_every_run(study, tmp_path):
 
 def test_starts_run_every_pretrained_recipe_once_per_start(study, tmp_path):
     """--starts imagenet=imagenet coco=FILE: ARM@NAME arms, each from its own weights; scratch is one arm."""
-    from model_lightweight import create_lightweight_model, model_checkpoint, save_checkpoint
+    from checkpoints import model_checkpoint, save_checkpoint
+    from model_lightweight import create_lightweight_model
     coco = tmp_path / "lite0_coco.pth"
     save_checkpoint(model_checkpoint(create_lightweight_model(3, "lite0", imagenet_pretrained=False), ["a", "b", "c"]),
                     coco)

@@ -174,7 +174,8 @@ def find_root(folder, marker):
 def coco_from_yolo(source, stage):
     """Ultralytics' coco128 (images/train2017, labels/train2017) into COCO's layout under `stage`; returns the
     annotation files it made, which the manifest's originals do not match."""
-    from annotations import read_yolo, write_coco
+    from annotations import read_yolo
+    from config import write_json_atomic
     labels = os.path.join(stage, "labels", "train2017")
     shutil.copytree(os.path.join(source, "labels", "train2017"), labels)
     with open(os.path.join(stage, "labels", "classes.txt"), "w", encoding="utf-8") as f:
@@ -191,7 +192,7 @@ def coco_from_yolo(source, stage):
     for split in COCO_SPLITS:
         shutil.copytree(os.path.join(source, "images", "train2017"), os.path.join(stage, split))
         made.append(f"annotations/instances_{split}.json")
-        write_coco(data, os.path.join(stage, made[-1]))
+        write_json_atomic(data, os.path.join(stage, made[-1]), indent=None)
     shutil.rmtree(os.path.join(stage, "labels"))
     return made
 

@@ -1,8 +1,8 @@
 """Build the starter detector that fine-tuning starts lite0 from: weights/lite0_coco_starter.pth and its sidecar JSON.
 
-    python make_starter.py --coco-root datasets/coco128                # pretrain with the recipe, then write both
-    python make_starter.py --coco-root /path/to/coco2017                # the same recipe on full COCO 2017
-    python make_starter.py --coco-root datasets/coco128 --from-run pretrain_results/multi_class_<stamp>
+    python tools/make_starter.py --coco-root datasets/coco128                # pretrain with the recipe, then write both
+    python tools/make_starter.py --coco-root /path/to/coco2017                # the same recipe on full COCO 2017
+    python tools/make_starter.py --coco-root datasets/coco128 --from-run pretrain_results/multi_class_<stamp>
 
 The recipe is config_transfer_learning.json's "starter" section: pretrain_multi_class.py's settings for a lite0
 that starts from ImageNet and learns the default COCO classes. The best checkpoint (its EMA weights) is stored in
@@ -21,12 +21,14 @@ import time
 
 import torch
 
-import config as cfg
-import pretrain_multi_class
-import runs
-from dataset_coco import CocoDetectionDataset, coco_layout_paths
-from evaluate import evaluate
-from model_lightweight import STARTER_PATH, load_model, save_checkpoint, unwrap_state_dict
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the toolkit's modules
+import config as cfg  # noqa: E402
+import pretrain_multi_class  # noqa: E402
+import runs  # noqa: E402
+from checkpoints import STARTER_PATH, save_checkpoint, unwrap_state_dict  # noqa: E402
+from dataset_coco import CocoDetectionDataset, coco_layout_paths  # noqa: E402
+from evaluate import evaluate  # noqa: E402
+from model_lightweight import load_model  # noqa: E402
 
 logger = logging.getLogger("make_starter")
 
@@ -54,7 +56,7 @@ def recipe():
 
 def code_version():
     """The git commit of this tree, '+changes' when it has uncommitted ones; 'unknown' outside git."""
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -82,7 +84,7 @@ def training_seconds(run_dir):
 
 def write_starter(run_dir, coco_root, out, command, seconds):
     """The starter and its sidecar from a finished run; returns the sidecar dict."""
-    best_path = os.path.join(run_dir, pretrain_multi_class.LAYOUT["best"])
+    best_path = os.path.join(run_dir, runs.LAYOUT["best"])
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     paths = coco_layout_paths(coco_root)
     val = CocoDetectionDataset(paths["val_ann"], paths["val_images"], classes=best["class_names"])
@@ -121,7 +123,7 @@ def main(argv=None):
     cfg.script_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
-    command = "python make_starter.py " + shlex.join(argv)
+    command = "python tools/make_starter.py " + shlex.join(argv)
     started = time.perf_counter()
     run_dir = args.from_run
     if run_dir is None:

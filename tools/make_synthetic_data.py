@@ -1,7 +1,7 @@
 """Write the synthetic data sets that the demo, the tests and the benchmarks use, anywhere.
 
-    python make_synthetic_data.py --out datasets/ --kind coco --num-train 600 --num-val 100
-    python make_synthetic_data.py --out datasets/ --kind whiteline --num-train 300 --num-val 80
+    python tools/make_synthetic_data.py --out datasets/ --kind coco --num-train 600 --num-val 100
+    python tools/make_synthetic_data.py --out datasets/ --kind whiteline --num-train 300 --num-val 80
 
 ``coco`` goes to ``OUT/synthetic_coco`` in COCO 2017's layout (train with
 ``pretrain_multi_class.py --coco-root OUT/synthetic_coco``); ``whiteline`` to ``OUT/whiteline`` in the
@@ -10,10 +10,12 @@ the same arguments reuses what is there.
 """
 import argparse
 import os
+import sys
 import time
 
-from config import run_cli
-from synthetic_data import DATASET_KINDS, make_dataset
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the toolkit's modules
+from config import run_cli  # noqa: E402
+from synthetic_data import DATASET_KINDS, make_dataset  # noqa: E402
 
 FOLDERS = {"coco": "synthetic_coco", "whiteline": "whiteline"}
 
