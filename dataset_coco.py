@@ -1,8 +1,9 @@
 """Detection data: image loading, the dataset, train/val sets, transform presets, collate and loaders.
 
-A dataset item is ``(image, target)`` with ``target = {"boxes_xyxy", "labels", "image_id", "orig_size"}``;
-labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]`` maps back to the COCO
-``category_id`` for evaluation [tv-ref ``FilterAndRemapCocoCategories``]. COCO ``xywh`` boxes are converted
+A dataset item is ``(image, target)`` with ``target = {"boxes_xyxy", "labels", "image_id", "orig_size",
+"decode_scale", "decode_origin"}``; labels are contiguous ``0..num_classes-1`` and ``dataset.category_ids[label]``
+maps back to the COCO ``category_id`` for evaluation [tv-ref ``FilterAndRemapCocoCategories``]. A large JPEG may be
+decoded reduced, to the size its consumer needs (``decode_side``; issue #27). COCO ``xywh`` boxes are converted
 to ``xyxy``, clipped and sanitised once at init [tv-ref ``coco_utils``]; every later box change (resize,
 crop, pad, flip) is done by ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes``.
 
@@ -17,8 +18,10 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +39,8 @@ from inference import LETTERBOX_FILL  # the grey predict() pads with (YOLOv5's);
 logger = logging.getLogger(__name__)
 
 TRANSFORM_PRESETS = ("strong", "moderate", "letterbox")
+# ScaleJitter's range of each augmenting preset: the largest scale is the most of a photo's detail it can use.
+SCALE_RANGES = {"strong": (0.5, 1.5), "moderate": (0.75, 1.25)}
 IMAGE_SUBDIRS = ("", "JPEGImages", "images")  # Pascal VOC and Roboflow-style exports keep images in these
 COCO_LAYOUT_FILES = ("train2017/", "val2017/", "annotations/instances_train2017.json",
                      "annotations/instances_val2017.json")
@@ -64,12 +69,36 @@ def _to_rgb(img):
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
 
 
-def load_image(path):
-    """Read an image as it is displayed, as 8-bit RGB.
+class DecodedImage(NamedTuple):
+    """What decode_image returns: the pixels and how they map to the photo's full displayed frame, where a decoded
+    point p is the full-frame (p - origin) * scale."""
+    image: torch.Tensor  # uint8 (3, h, w)
+    scale: int  # full-frame pixels per decoded pixel: 1, or 2, 4, 8 for a JPEG decoded reduced
+    origin: tuple  # (x, y): where the full frame's (0, 0) lies in decoded pixels; (0, 0) but for mirrored axes
+    size: tuple  # (H, W) of the full image as displayed (EXIF orientation applied)
+
+
+# libjpeg pads a scaled image at the stored frame's right and bottom, by (pad_x, pad_y) decoded pixels (a fraction of
+# one); an EXIF orientation that mirrors a stored axis brings that padding to the displayed left or top, where it
+# moves the origin. Orientations as ImageOps.exif_transpose turns them (5-8 swap the axes).
+DECODED_ORIGIN = {2: lambda pad_x, pad_y: (pad_x, 0.0), 3: lambda pad_x, pad_y: (pad_x, pad_y),
+                  4: lambda pad_x, pad_y: (0.0, pad_y), 6: lambda pad_x, pad_y: (pad_y, 0.0),
+                  7: lambda pad_x, pad_y: (pad_y, pad_x), 8: lambda pad_x, pad_y: (0.0, pad_x)}
+
+
+def decode_image(path, min_side=None):
+    """Read an image as it is displayed, as 8-bit RGB, reduced when the consumer needs far fewer pixels.
 
     EXIF orientation is applied (``ImageOps.exif_transpose``), so pixels match annotations made in the
     displayed frame. Grayscale, palette, alpha, CMYK and 16-bit (``I;16``/``I``, scaled by ``>> 8``) images
     are converted to RGB.
+
+    With ``min_side``, a JPEG whose longest side is at least twice ``min_side`` is decoded at 1/2, 1/4 or 1/8 of
+    its size by libjpeg's DCT scaling (``Image.draft``; issue #27: a 12-MP photo decodes several times faster), the
+    smallest scale whose longest side is still at least ``min_side``. A full-frame point p is the decoded
+    p / scale + origin: libjpeg rounds the decoded size up and pads past W / scale (on the displayed left or top
+    where EXIF mirrors that axis), so ``size / image.shape`` is not the scale. Other formats and smaller JPEGs
+    are decoded in full.
 
     A JPEG whose last bytes are missing (an interrupted download or copy; Pillow refuses it as "truncated") is
     decoded as far as it goes, with a warning: the end-of-image marker is appended and libjpeg fills the few
@@ -77,11 +106,12 @@ def load_image(path):
     misses in evaluation.
 
     Returns:
-        torch.uint8 tensor (3, H, W).
+        DecodedImage(image uint8 (3, h, w), scale int, origin (x, y) decoded pixels, size (H, W) of the full
+        displayed image).
     """
     try:
         with Image.open(path) as img:
-            return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
+            return _decode(img, min_side)
     except OSError as error:
         if "truncated" not in str(error):
             raise
@@ -91,7 +121,39 @@ def load_image(path):
             raise
         logger.warning("%s is a truncated JPEG (%s); decoded what it holds", path, error)
         with Image.open(io.BytesIO(data + JPEG_END)) as img:
-            return F.pil_to_tensor(_to_rgb(ImageOps.exif_transpose(img)))
+            return _decode(img, min_side)
+
+
+def load_image(path):
+    """The full image as displayed, uint8 (3, H, W): ``decode_image`` without reduction."""
+    return decode_image(path).image
+
+
+def _decode(img, min_side):
+    stored_width, stored_height = img.size  # before any reduction or EXIF turn
+    scale = _draft(img, min_side) if min_side else 1
+    pad = (img.size[0] - stored_width / scale, img.size[1] - stored_height / scale)  # exact: multiples of 1/8
+    displayed = ImageOps.exif_transpose(img)
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)  # read once loaded, as exif_transpose reads it (PNG eXIf)
+    origin = DECODED_ORIGIN[orientation](*pad) if orientation in DECODED_ORIGIN else (0.0, 0.0)
+    turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps the axes (not told by sizes: 803 and 801 at 1/8)
+    size = (stored_width, stored_height) if turned else (stored_height, stored_width)
+    return DecodedImage(F.pil_to_tensor(_to_rgb(displayed)), scale, origin, size)
+
+
+def _draft(img, min_side):
+    """Ask the JPEG decoder for the smallest DCT scale whose longest side stays >= min_side; returns the scale."""
+    width, height = img.size
+    longest = max(width, height)
+    if longest < 2 * min_side:
+        return 1
+    # draft keeps each side >= the one asked for, so asking for the photo's shape at min_side keeps the longest.
+    request = (math.ceil(width * min_side / longest), math.ceil(height * min_side / longest))
+    drafted = img.draft(img.mode, request)  # None for formats other than JPEG/MPO
+    if drafted is None:
+        return 1
+    _, box = drafted  # the full image's extent in decoded pixels: (0, 0, W / scale, H / scale)
+    return round(width / box[2])
 
 
 def resolve_image_path(root, file_name):
@@ -262,6 +324,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         include_empty: keep images with no selected box as negatives.
         max_missing_fraction: share of images that may be missing on disk, or unreadable with no size in the
             annotations (dropped with a warning).
+        decode_side: None (decode every image in full), or the longest side the consumer uses: a JPEG at least
+            twice as large is decoded reduced to no less (``decode_image``), and its boxes scaled with it.
+            ``augmented_side(preset, img_size)`` for a training pipeline, ``img_size`` for evaluation.
 
     Attributes:
         coco: the unfiltered pycocotools ``COCO`` object.
@@ -271,14 +336,14 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ann_file, image_root=None, classes=None, transforms=None, include_empty=True,
-                 max_missing_fraction=0.05):
+                 max_missing_fraction=0.05, decode_side=None):
         if isinstance(ann_file, dict):
             data, self.ann_file = ann_file, str(ann_file.get("info", {}).get("source", "annotations"))
         else:
             data, image_root, _ = read_annotations(ann_file, image_root)
             self.ann_file = str(ann_file)
         self.image_root = str(image_root)
-        self.transforms, self.include_empty = transforms, include_empty
+        self.transforms, self.include_empty, self.decode_side = transforms, include_empty, decode_side
         self.coco = index_coco(data, self.ann_file)
         try:
             self.category_ids, self.class_names = _select_categories(self.coco, classes)
@@ -432,30 +497,36 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         """Returns ``(image, target)`` for ``key``: an index, or ``(index, seed)`` from ``SeededSampler``, whose
         transforms then draw their randomness from ``seed`` alone (``seeded_rng``).
 
-        Without transforms ``image`` is the original uint8 (3, H, W) and boxes are in its pixels; with
-        transforms both are in the transformed frame (float32 (3, S, S) in [0, 1] for the presets).
+        Without transforms ``image`` is the decoded uint8 (3, h, w): the original, or a JPEG reduced by
+        ``decode_scale`` (see ``decode_side``), and boxes are in its pixels; with transforms both are in the
+        transformed frame (float32 (3, S, S) in [0, 1] for the presets).
         ``target``: ``boxes_xyxy`` float32 (N, 4), ``labels`` int64 (N,) in ``0..num_classes-1``,
-        ``image_id`` int, ``orig_size`` int64 (2,) = (H, W) of the original image.
+        ``image_id`` int, ``orig_size`` int64 (2,) = (H, W) of the original image, ``decode_scale`` int and
+        ``decode_origin`` (x, y): a decoded point p is the original (p - decode_origin) * decode_scale (1 and (0, 0)
+        when decoded in full; see ``decode_image``).
         """
         index, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            image = load_image(self.image_paths[index])
+            image, scale, origin, (height, width) = decode_image(self.image_paths[index], self.decode_side)
         except (OSError, UnidentifiedImageError, ValueError) as error:  # truncated, not an image, ...
             # Skipped rather than fatal: one bad file should not end a long run. Training counts the
             # skips per epoch and stops past max_bad_image_fraction (engine.check_skipped_images).
             logger.warning("skipping unreadable image %s: %s", self.image_paths[index], error)
             return None
         boxes, labels = self.get_annotations(index)
-        height, width = image.shape[-2:]
         boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
         if (height, width) != self.image_size(index):
             boxes = self._on_size_mismatch(index, boxes, (height, width))
+        if scale != 1:  # exact in float32: a power of two and multiples of 1/8
+            boxes = tv_tensors.wrap(boxes / scale + torch.tensor(origin * 2, dtype=boxes.dtype), like=boxes,
+                                    canvas_size=tuple(image.shape[-2:]))
         if self.transforms is not None:
             with seeded_rng(seed):
                 image, out = self.transforms(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
             image, boxes, labels = image.as_subclass(torch.Tensor), out["boxes"], out["labels"]
         target = {"boxes_xyxy": boxes.as_subclass(torch.Tensor).to(torch.float32), "labels": labels,
-                  "image_id": self.image_ids[index], "orig_size": torch.tensor([height, width])}
+                  "image_id": self.image_ids[index], "orig_size": torch.tensor([height, width]),
+                  "decode_scale": scale, "decode_origin": origin}
         return image, target
 
     def _on_size_mismatch(self, index, boxes, size):
@@ -502,6 +573,15 @@ class PadToSquare(v2.Transform):
         return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=self.fill)
 
 
+def augmented_side(preset, img_size):
+    """The longest image side a preset's pipeline can use: img_size times its largest zoom (ScaleJitter's upper
+    scale; zoom-out and crops never enlarge the photo further). A dataset decodes its photos at no less
+    (``decode_side``)."""
+    if preset not in TRANSFORM_PRESETS:
+        raise ValueError(f"unknown transform preset {preset!r}; choose from {', '.join(TRANSFORM_PRESETS)}")
+    return math.ceil(img_size * SCALE_RANGES.get(preset, (1.0, 1.0))[1])
+
+
 def build_transforms(preset, img_size):
     """Build a v2 pipeline for ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "labels"})``.
 
@@ -524,7 +604,7 @@ def build_transforms(preset, img_size):
         # per pixel it commutes with resizing, and on a full photo its hue shift was most of the loader's time
         # (benchmarks/speed.py). Zoom-out's grey may be tinted too, as in YOLO's HSV step.
         steps = [v2.RandomZoomOut(fill=LETTERBOX_FILL, side_range=(1.0, 2.0), p=0.3),
-                 v2.ScaleJitter(size, scale_range=(0.5, 1.5)), v2.RandomPhotometricDistort(p=0.5), crop,
+                 v2.ScaleJitter(size, scale_range=SCALE_RANGES["strong"]), v2.RandomPhotometricDistort(p=0.5), crop,
                  v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
     elif preset == "moderate":
         # ColorJitter rather than RandomPhotometricDistort: the latter also permutes channels, which
@@ -532,7 +612,7 @@ def build_transforms(preset, img_size):
         # As in strong, the jitter runs after ScaleJitter, on about img_size^2 pixels instead of the whole
         # photo (its hue step dominated the loader; benchmarks/results/speed.md).
         jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
-        steps = [v2.ScaleJitter(size, scale_range=(0.75, 1.25)), v2.RandomApply([jitter], p=0.3), crop,
+        steps = [v2.ScaleJitter(size, scale_range=SCALE_RANGES["moderate"]), v2.RandomApply([jitter], p=0.3), crop,
                  v2.RandomHorizontalFlip(), to_float, v2.SanitizeBoundingBoxes()]
     elif preset == "letterbox":
         steps = [ResizeLongestSide(img_size), PadToSquare(img_size), to_float, v2.SanitizeBoundingBoxes()]

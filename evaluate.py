@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+import torchvision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -352,15 +353,38 @@ def _model_device(model):
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def _decode_scale(target):
+    """Original pixels per image pixel of a dataset item: its "decode_scale" (a JPEG decoded reduced), else 1."""
+    return int(target.get("decode_scale", 1)) if isinstance(target, dict) else 1
+
+
+def _decoded_frame(target):
+    """(decode_scale, decode_origin, orig_size) of a dataset item, as to_original_frame takes them."""
+    return _decode_scale(target), target.get("decode_origin", (0.0, 0.0)), target.get("orig_size")
+
+
 def _check_original_frame(image, target):
-    """Predictions must be in original pixels: refuse images a transform has resized."""
+    """Predictions must map back to original pixels: refuse images a transform has resized. A JPEG decoded at
+    1/scale is ceil(orig_size / scale) (libjpeg rounds up)."""
     orig_size = target.get("orig_size") if isinstance(target, dict) else None
     if orig_size is None:
         return
-    orig_size = tuple(int(side) for side in orig_size)
-    if orig_size != tuple(image.shape[-2:]):
+    orig_size, scale = tuple(int(side) for side in orig_size), _decode_scale(target)
+    if tuple(-(-side // scale) for side in orig_size) != tuple(image.shape[-2:]):
         raise ValueError(f"evaluate needs the original images (dataset built with transforms=None); "
-                         f"got an image of {tuple(image.shape[-2:])} for orig_size {orig_size}")
+                         f"got an image of {tuple(image.shape[-2:])} for orig_size {orig_size}"
+                         f"{f' decoded at 1/{scale}' if scale != 1 else ''}")
+
+
+def to_original_frame(result, scale, origin, orig_size):
+    """Detections on an image decoded at 1/scale (dataset_coco.decode_image: a decoded point p is the original
+    (p - origin) * scale) in original pixels, clipped to the original (H, W); `result` itself for scale 1."""
+    if scale == 1:
+        return result
+    origin = torch.tensor(tuple(origin) * 2, dtype=result["boxes"].dtype, device=result["boxes"].device)
+    boxes = torchvision.ops.clip_boxes_to_image((result["boxes"] - origin) * scale,
+                                                tuple(int(side) for side in orig_size))
+    return {**result, "boxes": boxes}
 
 
 @torch.no_grad()
@@ -397,6 +421,7 @@ def collect_detections(model, data, device=None, iou_threshold=None, max_detecti
             results = model.predict([image.to(device) for image in images],
                                     conf_threshold=MAP_SCORE_THRESHOLD, iou_threshold=iou_threshold,
                                     max_detections=max_detections, **timing)
+            results = [to_original_frame(result, *_decoded_frame(target)) for result, target in zip(results, targets)]
             image_ids = [int(target["image_id"]) for target in targets]
             detections.extend(predictions_to_coco(results, image_ids, dataset.category_ids))
     finally:
@@ -527,6 +552,9 @@ def get_args_parser():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device, e.g. cpu or cuda")
     parser.add_argument("--save-json", default=None, help="write the COCO results list here")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="decode every photo in full (default: a JPEG at least twice the network's input size "
+                             "is decoded reduced, which is faster and scores the same)")
     return parser
 
 
@@ -550,9 +578,10 @@ def _check_paths(parser, args):
             parser.error(f"{flag} not found: {path}")
 
 
-def _scored_dataset(args, class_names):
+def _scored_dataset(args, class_names, decode_side=None):
     """The dataset to score and what it is in words: --ann, or the run's own validation part (--run), built from its
-    records by the loader its training used, so the images are exactly those it validated on."""
+    records by the loader its training used, so the images are exactly those it validated on. `decode_side`: as
+    CocoDetectionDataset's."""
     import dataset_coco  # lazy: only the CLI needs the dataset and run modules
     if args.run is None:
         from annotations import read_annotations
@@ -562,14 +591,15 @@ def _scored_dataset(args, class_names):
             data, root, _ = read_annotations(args.ann, args.root, split="val")
             ann, args.root, source = {**data, "info": {"source": f"{args.ann} (val)"}}, root, f"{args.ann} (val)"
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..."
-            dataset = dataset_coco.CocoDetectionDataset(ann, args.root, classes=class_names, transforms=None)
+            dataset = dataset_coco.CocoDetectionDataset(ann, args.root, classes=class_names, transforms=None,
+                                                        decode_side=decode_side)
         return dataset, source
     import runs
     data = runs.run_data(args.run)
     bad = {"max_missing_fraction": data["config"]["max_bad_image_fraction"]} \
         if "max_bad_image_fraction" in data["config"] else {}
     dataset = dataset_coco.CocoDetectionDataset(data["val"]["data"], data["val"]["root"], classes=class_names,
-                                                transforms=None, **bad)
+                                                transforms=None, decode_side=decode_side, **bad)
     return dataset, data["val"]["source"]
 
 
@@ -631,7 +661,7 @@ def main(argv=None):
     if args.conf is None:
         args.conf = model.conf_threshold
     try:
-        dataset, source = _scored_dataset(args, class_names)
+        dataset, source = _scored_dataset(args, class_names, None if args.full_decode else model.img_size)
     except (ValueError, FileNotFoundError) as error:  # one line and exit status 2
         message = (args.ann is not None and _run_record_error(args.ann)) or str(error).splitlines()[0]
         parser.exit(2, f"error: {message}\n")

@@ -41,7 +41,7 @@ import torchvision
 from torch import nn
 
 from config import inference_defaults, run_cli, write_json_atomic
-from dataset_coco import load_image
+from dataset_coco import decode_image
 from inference import LETTERBOX_FILL, STRIDES, detection_settings, letterbox
 from model_lightweight import decode_boxes, fuse_batchnorm, load_model
 
@@ -246,7 +246,7 @@ def check_inputs(img_size, dynamic_batch, check_image=None, seed=0, static=False
     if dynamic_batch:
         inputs["random batch 2"] = torch.rand(2, 3, img_size, img_size, generator=generator)
     if check_image is not None:
-        image, _ = letterbox(load_image(check_image), img_size, rect=not static)
+        image, _ = letterbox(decode_image(check_image, img_size).image, img_size, rect=not static)
         inputs[f"letterboxed {os.path.basename(check_image)}"] = image[None]
     return inputs
 

@@ -31,7 +31,7 @@ import distributed
 import engine
 import runs
 from checkpoints import INITS, STARTER_SIZE, init_model_size, restore_training_state
-from dataset_coco import CocoDetectionDataset, build_transforms, dataset_report, load_train_val
+from dataset_coco import CocoDetectionDataset, augmented_side, build_transforms, dataset_report, load_train_val
 from model_lightweight import LAYER_GROUPS, MODEL_SIZES, STRIDES
 from trainer import (build_model, build_optimizer, describe_trainable, fit, new_trainer, setup_process,
                      stage_writer_note, training_loader)
@@ -236,8 +236,10 @@ def build_data(config):
             config["train_ann"], config["train_root"], config["val_ann"], config["val_root"], config["val_fraction"],
             runs.saved_split(config))
         train = CocoDetectionDataset(train_data, train_root, classes=classes, max_missing_fraction=bad,
-                                     transforms=build_transforms(config["augmentation"], config["img_size"]))
-        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad)
+                                     transforms=build_transforms(config["augmentation"], config["img_size"]),
+                                     decode_side=augmented_side(config["augmentation"], config["img_size"]))
+        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad,
+                                   decode_side=config["img_size"])
     except (FileNotFoundError, ValueError) as error:
         raise cfg.ConfigError(str(error)) from None
     if len(train.class_names) != 1:

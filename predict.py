@@ -7,24 +7,23 @@ optional evaluation.
     python predict.py --checkpoint best_model.pth --source val/images --ann val/annotations.json
     python predict.py --run finetune_results/whiteline_<stamp>    # the images the run validated on, drawn and scored
 
---source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not
-subfolders) or a glob (quote it; ** recurses). Images are read by dataset_coco.load_image (EXIF orientation,
-grayscale, palette, alpha, CMYK and 16-bit handled). Each run writes a new folder: --save-dir (default
-predictions), or predictions-2, predictions-3, ... when it exists (--exist-ok reuses it); it is made by the first
-file written, so a run that fails on its input leaves none. It receives each image with its boxes drawn, as
-NAME.EXT, and predictions.json: COCO results ({"image_id", "file_name", "category_id", "category_name", "bbox" xywh
-pixels, "score"}); each video as NAME.mp4 with boxes drawn and NAME.json with the detections of every frame; with
+--source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not subfolders) or
+a glob (quote it; ** recurses). Images are read by dataset_coco.decode_image (EXIF orientation, grayscale, palette,
+alpha, CMYK and 16-bit handled). Each run writes a new folder: --save-dir (default predictions), or predictions-2,
+predictions-3, ... when it exists (--exist-ok reuses it); it is made by the first file written, so a run that fails
+on its input leaves none. It receives each image with its boxes drawn, as NAME.EXT (not with --no-save), and
+predictions.json: COCO results ({"image_id", "file_name", "category_id", "category_name", "bbox" xywh pixels,
+"score"}); each video as NAME.mp4 with boxes drawn and NAME.json with the detections of every frame; with
 --save-txt, labels/NAME.txt per image (per frame: labels/NAME_<frame>.txt) in YOLO's format, `class cx cy w h`
 normalised (and the score with --save-conf). NAME is the file's path relative to the folder the images (or the
-videos) share, without its extension: the base name for one folder, subfolders kept for a recursive glob. Where
-two files' outputs would share a name (a.jpg and a.png with --save-txt, a.mp4 and a.mov, a_0.jpg and the frames
-of a.mp4; compared case-insensitively; predictions.json is reserved), the first (images first, each kind in
-sorted path order) keeps NAME and each later one appends its extension (a.png -> a_png.png and labels/a_png.txt),
-then _2, _3, ...: no output is overwritten within a run. The score threshold is the checkpoint's calibrated one
-unless --conf says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's
-(matched by class name and file path), and the image detections are scored against its ground truth with
-evaluate.coco_metrics; otherwise categories are 1..K in the checkpoint's class order and images 1..N in sorted
-path order.
+videos) share, without its extension: the base name for one folder, subfolders kept for a recursive glob. Where two
+files' outputs would share a name (a.jpg and a.png with --save-txt, a.mp4 and a.mov, a_0.jpg and the frames of
+a.mp4; compared case-insensitively; predictions.json is reserved), the first (images first, each kind in sorted path
+order) keeps NAME and each later one appends its extension (a.png -> a_png.png and labels/a_png.txt), then _2, _3,
+...: no output is overwritten within a run. The score threshold is the checkpoint's calibrated one unless --conf
+says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's (matched by class
+name and file path), and the image detections are scored against its ground truth with evaluate.coco_metrics;
+otherwise categories are 1..K in the checkpoint's class order and images 1..N in sorted path order.
 """
 import argparse
 import collections
@@ -174,17 +173,19 @@ def numbered_dir(path, exist_ok=False):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(index, uint8 (3, H, W) image or None, error message or None) per path; bad files do not raise."""
+    """(index, dataset_coco.DecodedImage or None, error message or None) per path; bad files do not raise. A JPEG
+    at least twice `min_side` is decoded reduced (decode_image); None decodes every image in full."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, min_side=None):
+        self.paths, self.min_side = paths, min_side
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
+        from dataset_coco import decode_image
         try:
-            return index, load_image(self.paths[index]), None
+            return index, decode_image(self.paths[index], self.min_side), None
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
             return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
 
@@ -260,12 +261,14 @@ def _match_image(path, by_base, ann_path):
 # ---------------------------------------------------------------------------------------------- prediction
 
 def predict_images(model, paths, skipped, conf_threshold=None, iou_threshold=None, max_detections=None,
-                   batch_size=8, workers=0, progress=True, timings=None):
-    """Yield (index, uint8 (3, H, W) image, CPU result of model.predict) per readable path, in batches with
-    a progress bar; unreadable paths are logged and appended to `skipped`. The thresholds go to model.predict (None:
-    its defaults). `timings`: None, or a dict that gets the seconds spent waiting for decoded images ("decode") and
-    model.predict's phases (evaluate.speed_ms)."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+                   batch_size=8, workers=0, progress=True, timings=None, min_side=None):
+    """Yield (index, dataset_coco.DecodedImage, CPU result of model.predict) per readable path, in batches with
+    a progress bar; unreadable paths are logged and appended to `skipped`. The boxes are in the original image's
+    pixels (decoded.size) even where `min_side` (ImageFiles) had a large JPEG decoded reduced. The thresholds go to
+    model.predict (None: its defaults). `timings`: None, or a dict that gets the seconds spent waiting for decoded
+    images ("decode") and model.predict's phases (evaluate.speed_ms)."""
+    from evaluate import to_original_frame  # here, not at the top: predict.py's imports are kept lean (cold start)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, min_side), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     bar = tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr)
     timing = {"timings": timings} if timings is not None else {}
@@ -275,10 +278,11 @@ def predict_images(model, paths, skipped, conf_threshold=None, iou_threshold=Non
             skipped.append(paths[index])
         batch = [item for item in batch if item[1] is not None]
         if batch:
-            results = model.predict([image for _, image, _ in batch], conf_threshold, iou_threshold, max_detections,
-                                    **timing)
-            for (index, image, _), result in zip(batch, results):
-                yield index, image, {key: value.cpu() for key, value in result.items()}
+            results = model.predict([decoded.image for _, decoded, _ in batch], conf_threshold, iou_threshold,
+                                    max_detections, **timing)
+            for (index, decoded, _), result in zip(batch, results):
+                result = to_original_frame(result, decoded.scale, decoded.origin, decoded.size)
+                yield index, decoded, {key: value.cpu() for key, value in result.items()}
 
 
 def predict_video(model, path, save_dir, options, class_names, progress=True, stem=None):
@@ -435,6 +439,9 @@ def get_args_parser():
                         help="also write YOLO txt labels, labels/NAME.txt (a file whose label would collide with "
                              "another's, e.g. a.png beside a.jpg, is named with its extension: labels/a_png.txt)")
     parser.add_argument("--save-conf", action="store_true", help="with --save-txt: the score as a sixth field")
+    parser.add_argument("--no-save", dest="save", action="store_false",
+                        help="write no drawn images, only predictions.json (and --save-txt labels); a large JPEG is "
+                             "then decoded at about the network's input size, several times faster")
     parser.add_argument("--ann", default=None, help="annotations of the source images (COCO JSON, VOC folder, YOLO "
                                                     "labels): ids and evaluation")
     parser.add_argument("--batch-size", type=_at_least(1), default=8, help="images per forward pass")
@@ -548,16 +555,19 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names, timi
     # drawings and predictions.json keep those above --conf.
     predict_conf = min(args.conf, MAP_SCORE_THRESHOLD) if args.ann else args.conf
     saved, all_detections, predicted, skipped = [], [], [], []
+    # A drawing is of the photo's own size, as Ultralytics saves it, so it needs the full decode; without one, a
+    # large JPEG is decoded at about the network's input size (issue #27).
     images = predict_images(model, paths, skipped, predict_conf, args.iou, args.max_det, args.batch_size,
-                            args.workers, args.progress, timings)
-    for index, image, result in images:
+                            args.workers, args.progress, timings, min_side=None if args.save else model.img_size)
+    for index, decoded, result in images:
         all_detections += predictions_to_coco([result], [image_ids[index]], category_ids)
         result = above(result, args.conf)
         saved += results_json(result, names[index], image_ids[index], category_ids, class_names)
-        save_image(draw(image, result, class_names),
-                   os.path.join(save_dir, stems[index] + os.path.splitext(names[index])[1]))
+        if args.save:
+            save_image(draw(decoded.image, result, class_names),
+                       os.path.join(save_dir, stems[index] + os.path.splitext(names[index])[1]))
         if args.save_txt:
-            write_yolo_txt(result, image.shape[-2:], os.path.join(save_dir, "labels", stems[index] + ".txt"),
+            write_yolo_txt(result, decoded.size, os.path.join(save_dir, "labels", stems[index] + ".txt"),
                            args.save_conf)
         tqdm.write(summary_line(names[index], result, class_names))
         predicted.append(index)
@@ -567,7 +577,8 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names, timi
     json_path = os.path.join(save_dir, "predictions.json")
     write_json_atomic(saved, json_path, indent=None)
     print(f"{len(predicted)} images, {len(saved)} detections at conf >= {args.conf:g}"
-          f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: drawn images and {json_path}")
+          f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: "
+          f"{'drawn images and ' if args.save else ''}{json_path}")
     result = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "predictions_json": json_path}
     if coco is not None:
         print(f"evaluation against {args.ann}: mAP over the {len(all_detections)} detections with score >= "

@@ -26,7 +26,8 @@ import distributed
 import engine
 import runs
 from checkpoints import restore_training_state
-from dataset_coco import CocoDetectionDataset, build_transforms, coco_layout_paths, dataset_report, load_train_val
+from dataset_coco import (CocoDetectionDataset, augmented_side, build_transforms, coco_layout_paths, dataset_report,
+                          load_train_val)
 from model_lightweight import LAYER_GROUPS, MODEL_SIZES, STRIDES, has_imagenet_weights
 from trainer import build_model, build_optimizer, describe_trainable, fit, new_trainer, setup_process, training_loader
 
@@ -154,8 +155,10 @@ def build_data(config):
             classes = present_classes(classes, train_data, train_ann)
         bad = config["max_bad_image_fraction"]
         train = CocoDetectionDataset(train_data, train_root, classes=classes, max_missing_fraction=bad,
-                                     transforms=build_transforms(config["augmentation"], config["img_size"]))
-        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad)
+                                     transforms=build_transforms(config["augmentation"], config["img_size"]),
+                                     decode_side=augmented_side(config["augmentation"], config["img_size"]))
+        val = CocoDetectionDataset(val_data, val_root, classes=train.class_names, max_missing_fraction=bad,
+                                   decode_side=config["img_size"])
     except (FileNotFoundError, ValueError) as error:
         raise cfg.ConfigError(str(error)) from error
     counts = box_counts(train.coco.dataset)

@@ -138,12 +138,12 @@ class _Reader:
     def get_next(self):
         from PIL import Image
 
-        from dataset_coco import load_image
+        from dataset_coco import decode_image
         from inference import letterbox
         while self.paths:
             path = self.paths.pop(0)
             try:
-                image = load_image(path)
+                image = decode_image(path, self.img_size).image  # a large JPEG at about the input size (#27)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # not an image, ...
                 logger.warning("INT8 calibration: skipping unreadable image %s: %s", path, error)
                 self.skipped.append(path)

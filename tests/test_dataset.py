@@ -617,3 +617,97 @@ def test_an_unreadable_image_without_a_size_is_skipped_within_the_bad_share(tmp_
     assert "07.png" in caplog.text and "cannot be read" in caplog.text
     with pytest.raises(ValueError, match=r"1/20 images of .* cannot be read and it gives no width/height .*07\.png"):
         CocoDetectionDataset(ann, max_missing_fraction=0.0)
+
+
+# ------------------------------------------------------------------ reduced decoding (issue #27 item 1)
+
+def _write_large_exif_photo(path):
+    """A JPEG stored 1203 x 803 (sides no multiple of 8, so libjpeg rounds its scaled sizes up) with EXIF
+    orientation 6, shown 803 wide and 1203 high, holding one bright object; returns the object's displayed xyxy box."""
+    stored = np.full((803, 1203, 3), 40, np.uint8)
+    stored[200:500, 600:900] = 230  # stored x 600..900, y 200..500
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees clockwise: displayed x = 803 - y, y = x
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    return [303.0, 600.0, 603.0, 900.0]
+
+
+def test_decode_image_reduces_only_jpegs_at_least_twice_the_size_needed(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for name in ("x.png", "x.jpg"):
+        Image.fromarray(rgb).save(tmp_path / name)
+    png = dataset_coco.decode_image(tmp_path / "x.png", min_side=8)
+    assert png.scale == 1 and png.size == (48, 64) and torch.equal(png.image, load_image(tmp_path / "x.png"))
+    small = dataset_coco.decode_image(tmp_path / "x.jpg", min_side=33)  # 64 < 2 x 33: decoded in full
+    assert small.scale == 1 and torch.equal(small.image, load_image(tmp_path / "x.jpg"))
+    half = dataset_coco.decode_image(tmp_path / "x.jpg", min_side=32)
+    assert half.scale == 2 and half.image.shape == (3, 24, 32) and half.size == (48, 64)
+    assert dataset_coco.decode_image(tmp_path / "x.jpg").scale == 1
+
+
+def test_augmented_side_is_the_largest_zoom_of_the_preset():
+    assert [dataset_coco.augmented_side(preset, 320) for preset in ("letterbox", "moderate", "strong")] == \
+        [320, 400, 480]
+    with pytest.raises(ValueError, match="unknown transform preset"):
+        dataset_coco.augmented_side("nope", 320)
+
+
+def test_a_large_exif_rotated_jpeg_decoded_reduced_keeps_its_boxes_on_the_object(tmp_path):
+    """EXIF 6 turns the drafted frame as it turns the full one, and a box maps by the DCT scale (not by the size
+    ratio) and the origin that the turn moves libjpeg's padding to: the object found in the reduced pixels is
+    where the box says."""
+    box = _write_large_exif_photo(tmp_path / "big.jpg")
+    x0, y0, x1, y1 = box
+    ann = write_coco_json(tmp_path / "ann.json", [(1, "thing")], [(1, "big.jpg", 803, 1203)],
+                          [(1, 1, [x0, y0, x1 - x0, y1 - y0])])
+    _, full = CocoDetectionDataset(ann, str(tmp_path))[0]
+    image, target = CocoDetectionDataset(ann, str(tmp_path), decode_side=100)[0]
+    assert full["decode_scale"] == 1 and target["decode_scale"] == 8
+    assert image.shape == (3, 151, 101)  # ceil(1203 / 8), ceil(803 / 8)
+    assert target["orig_size"].tolist() == full["orig_size"].tolist() == [1203, 803]
+    assert target["decode_origin"] == (101 - 803 / 8, 0.0)  # the stored bottom's padding, now on the left
+    origin = torch.tensor(target["decode_origin"] * 2)
+    torch.testing.assert_close((target["boxes_xyxy"] - origin) * 8, full["boxes_xyxy"], atol=0, rtol=0)
+    rows, cols = torch.nonzero(image.float().mean(dim=0) > 135, as_tuple=True)  # halfway between 40 and 230
+    found = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
+    torch.testing.assert_close(found, target["boxes_xyxy"][0], atol=0.5, rtol=0)
+
+
+def test_a_reduced_decode_gives_the_letterboxed_boxes_of_the_full_one(tmp_path):
+    box = _write_large_exif_photo(tmp_path / "big.jpg")
+    ann = write_coco_json(tmp_path / "ann.json", [(1, "thing")], [(1, "big.jpg", 803, 1203)],
+                          [(1, 1, [box[0], box[1], box[2] - box[0], box[3] - box[1]])])
+    letterbox = build_transforms("letterbox", 64)
+    full_image, full = CocoDetectionDataset(ann, str(tmp_path), transforms=letterbox)[0]
+    image, target = CocoDetectionDataset(ann, str(tmp_path), transforms=letterbox, decode_side=64)[0]
+    assert target["decode_scale"] == 8 and image.shape == full_image.shape == (3, 64, 64)
+    torch.testing.assert_close(target["boxes_xyxy"], full["boxes_xyxy"], atol=0.5, rtol=0)
+    assert (image - full_image).abs().mean() < 2 / 255
+
+
+class _BrightObjectDetector(torch.nn.Module):
+    """model.predict stand-in: one box around the pixels brighter than mid-grey, in the image's own pixels."""
+    num_classes = 1
+
+    def predict(self, images, conf_threshold=None, iou_threshold=None, max_detections=None, timings=None):
+        results = []
+        for image in images:
+            rows, cols = torch.nonzero(image.float().mean(dim=0) > 135, as_tuple=True)
+            box = torch.tensor([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], dtype=torch.float32)
+            results.append({"boxes": box, "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.int64)})
+        return results
+
+
+def test_evaluation_on_reduced_decodes_scores_in_the_original_frame(tmp_path):
+    """Detections on a photo decoded at 1/8 come back times 8, clipped to the original: a detector that finds the
+    object in either decode scores mAP 1 against the full-frame ground truth."""
+    import evaluate
+    box = _write_large_exif_photo(tmp_path / "big.jpg")
+    ann = write_coco_json(tmp_path / "ann.json", [(1, "thing")], [(1, "big.jpg", 803, 1203)],
+                          [(1, 1, [box[0], box[1], box[2] - box[0], box[3] - box[1]])])
+    for decode_side in (None, 100):
+        dataset = CocoDetectionDataset(ann, str(tmp_path), decode_side=decode_side)
+        (detection,) = evaluate.collect_detections(_BrightObjectDetector(), dataset, num_workers=0)
+        x, y, w, h = detection["bbox"]
+        assert np.allclose([x, y, x + w, y + h], box, atol=4 if decode_side else 1)  # half a decoded pixel
+        assert evaluate.evaluate(_BrightObjectDetector(), dataset, num_workers=0)["mAP50"] == pytest.approx(1.0)

@@ -248,3 +248,31 @@ def test_predict_ends_with_the_time_per_image_of_each_phase(setup, exported, tmp
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line == (f"Speed: {speed['preprocess']:.1f} ms decode+preprocess, {speed['network']:.1f} ms network, "
                          f"{speed['postprocess']:.1f} ms postprocess per image (64x64 input, 4 images)")
+
+
+# ---------------------------------------------------------------------------------------------- reduced decoding
+
+def test_no_save_decodes_a_large_jpeg_reduced_and_finds_the_same_boxes(setup, tmp_path):
+    """Issue #27: without drawings a large JPEG is decoded at about the network's input size (1/8 here); the
+    detections, in the original frame, are the full decode's within a pixel of the network input (12 px here)."""
+    name = sorted(os.listdir(setup["image_dir"]))[0]
+    small = Image.open(os.path.join(setup["image_dir"], name)).convert("RGB")
+    (tmp_path / "big").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned, as a phone writes it
+    big = small.resize((small.width * 8 + 5, small.height * 8 + 3), Image.Resampling.BICUBIC)  # libjpeg pads it
+    big.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "big" / "big.jpg", quality=95, exif=exif)
+    runs = {}
+    for mode, extra in (("full", ()), ("reduced", ("--no-save",))):
+        argv = predict_args(setup, tmp_path / "big", tmp_path / mode, "--conf", "0.0", "--max-det", "5",
+                            "--save-txt", *extra)
+        predict.main(argv)
+        runs[mode] = json.loads((tmp_path / mode / "predictions.json").read_text())
+    assert os.path.isfile(tmp_path / "full" / "big.jpg") and not os.path.exists(tmp_path / "reduced" / "big.jpg")
+    assert len(runs["full"]) == len(runs["reduced"]) == 5
+    network_pixel = big.width / 64
+    for full, reduced in zip(runs["full"], runs["reduced"]):
+        assert full["category_id"] == reduced["category_id"]
+        assert np.allclose(full["bbox"], reduced["bbox"], atol=network_pixel), (full, reduced)
+    labels = (tmp_path / "reduced" / "labels" / "big.txt").read_text().split()
+    assert len(labels) == 5 * 5 and all(0 <= float(value) <= 1 for value in labels)

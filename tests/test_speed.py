@@ -78,3 +78,45 @@ def test_letterbox_of_uint8_equals_the_letterbox_data_transform():
     got, ratios = letterbox(image, 64)
     assert got.dtype == torch.float32 and ratios == (64 / 120, 48 / 90)
     torch.testing.assert_close(got, want.as_subclass(torch.Tensor), atol=0, rtol=0)
+
+
+def load_folder_speed():
+    spec = importlib.util.spec_from_file_location("folder_speed", os.path.join(ROOT, "benchmarks", "folder_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_folder_speed_smoke_without_ultralytics(tmp_path, monkeypatch):
+    """benchmarks/folder_speed.py on 2 tiny photos, the YOLO peers left out as without ultralytics: both
+    folder passes (with and without drawing) and the deployment table reach the report."""
+    from PIL import Image
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(2):
+        Image.new("RGB", (96, 72), (90 * index, 50, 20)).save(folder / f"{index}.jpg")
+    folder_speed = load_folder_speed()
+    monkeypatch.setattr(folder_speed, "load_yolo", lambda yaml: None)
+    output = tmp_path / "speed_folder.md"
+    results = folder_speed.main(["--folder", str(folder), "--sizes", "nano", "--threads", "1", "--rounds", "1",
+                                 "--repeats", "1", "--warmup", "0", "--output", str(output)])
+    passes = results[0]["folders"]
+    assert set(passes) == {("photos", False), ("photos", True)}
+    assert all(v["images_per_s"] > 0 for variants in passes.values() for v in variants.values())
+    assert set(passes[("photos", True)]) == {"nano PyTorch", "nano ORT INT8"}
+    assert results[0]["deployment"][("nano", "ort_int8_network")]["median"] > 0
+    text = output.read_text()
+    assert "| photos (2) | yes | nano ORT INT8 |" in text and "| nano |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #27 item 4 not done yet: `import torchvision` itself imports "
+                                       "torchvision.models and torchvision.ops.roi_align -> torch._dynamo")
+def test_import_predict_leaves_out_dynamo_and_detection_models():
+    """A predict's cold start imports only what it needs: not torch._dynamo nor torchvision's detection models."""
+    import subprocess
+    import sys
+    code = ("import sys, predict; print(sorted(m for m in ('torch._dynamo', 'torchvision.models.detection') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
