@@ -28,12 +28,11 @@ import time
 
 import numpy as np
 import torch
-import torchvision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from config import inference_defaults, write_json_atomic
-from inference import detection_settings
+from inference import clip_boxes, detection_settings
 
 logger = logging.getLogger(__name__)
 
@@ -382,8 +381,7 @@ def to_original_frame(result, scale, origin, orig_size):
     if scale == 1:
         return result
     origin = torch.tensor(tuple(origin) * 2, dtype=result["boxes"].dtype, device=result["boxes"].device)
-    boxes = torchvision.ops.clip_boxes_to_image((result["boxes"] - origin) * scale,
-                                                tuple(int(side) for side in orig_size))
+    boxes = clip_boxes((result["boxes"] - origin) * scale, orig_size)
     return {**result, "boxes": boxes}
 
 

@@ -42,31 +42,13 @@ from torch import nn
 
 from config import inference_defaults, run_cli, write_json_atomic
 from dataset_coco import decode_image
-from inference import LETTERBOX_FILL, STRIDES, detection_settings, letterbox
+from inference import LETTERBOX_FILL, STRIDES, detection_settings, letterbox, session_options, sidecar_path
 from model_lightweight import decode_boxes, fuse_batchnorm, load_model
 
 logger = logging.getLogger("export")
 
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12 runs every op used here at 17; NonMaxSuppression needs >= 11
 CHECK_TOLERANCE = 1e-4  # ONNX Runtime vs PyTorch: scores, and boxes as a fraction of the input side
-
-
-def sidecar_path(onnx_path):
-    """The JSON sidecar beside an exported model: NAME.json for NAME.onnx."""
-    return os.path.splitext(str(onnx_path))[0] + ".json"
-
-
-def session_options(threads=None):
-    """CPU session options: `threads` intra-op threads (None: ONNX Runtime's choice), one inter-op thread, and
-    no spinning, so that sessions interleaved with each other or with torch threads do not burn the cores. The
-    export's check and ort_detector's backend run alike."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
 
 
 # ---------------------------------------------------------------------------------------------- export graph

@@ -10,13 +10,14 @@ both backends select and map boxes alike; the data pipeline pads with the same L
 imports the model.
 """
 import collections
+import importlib.machinery
+import importlib.util
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.transforms.v2 import functional as TF
 
 from config import inference_defaults
 
@@ -42,9 +43,18 @@ def letterbox(image, img_size, rect=False):
     # uint8 is resized and padded as uint8, then scaled: torchvision's uint8 resize is much faster
     # than float's on a CPU, and these are exactly the pixels of the "letterbox" data transform.
     uint8 = image.dtype == torch.uint8
-    image = TF.resize(image, [new_h, new_w], antialias=True)
+    image = resize(image, (new_h, new_w))
     image = F.pad(image, (0, out_w - new_w, 0, out_h - new_h), value=LETTERBOX_FILL if uint8 else LETTERBOX_FILL / 255)
-    return (TF.to_dtype(image, torch.float32, scale=True) if uint8 else image), (new_w / width, new_h / height)
+    return (image.to(torch.float32).mul_(1.0 / 255) if uint8 else image), (new_w / width, new_h / height)
+
+
+def resize(image, size):
+    """A (C, H, W) uint8 or float image resized to size (h, w), bilinear with antialiasing: the pixels of
+    torchvision.transforms.v2.functional.resize (which the data pipeline uses), without importing torchvision for
+    a predict's cold start (tests/test_speed.py checks they are equal)."""
+    if tuple(size) == tuple(image.shape[-2:]):
+        return image
+    return F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def letterbox_groups(images, img_size, device="cpu", rect=True):
@@ -93,8 +103,15 @@ def unletterbox(results, ratios, sizes):
     """Map detections from network-input pixels back to each original (H, W) image, clipped to it."""
     for result, (ratio_w, ratio_h), size in zip(results, ratios, sizes):
         scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=result["boxes"].device)
-        result["boxes"] = torchvision.ops.clip_boxes_to_image(result["boxes"] / scale, tuple(size))
+        result["boxes"] = clip_boxes(result["boxes"] / scale, size)
     return results
+
+
+def clip_boxes(boxes, size):
+    """xyxy boxes (N, 4) clipped to an image of size (H, W), as torchvision.ops.clip_boxes_to_image."""
+    height, width = (int(side) for side in size)
+    x, y = boxes[..., 0::2].clamp(min=0, max=width), boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
 def detection_settings(detector, conf_threshold=None, iou_threshold=None, max_detections=None):
@@ -123,9 +140,62 @@ def select_detections(scores_all, boxes_all, conf_threshold, iou_threshold, max_
             keep = keep[scores[keep].topk(pre_nms_topk).indices]
         scores, labels = scores[keep], keep % num_classes
         boxes = boxes[keep // num_classes]
-        keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+        keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
         results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return results
+
+
+def batched_nms(boxes, scores, labels, iou_threshold):
+    """Class-aware NMS: the indices kept, by score descending. torchvision.ops.batched_nms's result for the at most
+    pre_nms_topk boxes select_detections passes (each class's boxes moved apart by an offset, one NMS over all), run
+    by torchvision's own compiled kernel."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = labels.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    return _nms_kernel()(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def _nms_kernel():
+    """torch.ops.torchvision.nms, with torchvision's compiled library loaded but not its Python package: `import
+    torchvision` imports its models and torch._dynamo, seconds of a predict's cold start (issue #27). Falls back to
+    importing torchvision where the library is not found by name."""
+    try:
+        return torch.ops.torchvision.nms
+    except (AttributeError, RuntimeError):  # not registered yet
+        pass
+    spec = importlib.util.find_spec("torchvision")
+    if spec is not None and spec.origin:
+        finder = importlib.machinery.FileFinder(os.path.dirname(spec.origin), (
+            importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+        for name in ("_C_stable", "_C"):  # the library's name from torchvision 0.29, and before
+            library = finder.find_spec(name)
+            if library is not None:
+                try:
+                    torch.ops.load_library(library.origin)
+                    return torch.ops.torchvision.nms
+                except (OSError, AttributeError, RuntimeError):
+                    break
+    import torchvision.ops  # noqa: F401  (registers the kernel)
+    return torch.ops.torchvision.nms
+
+
+# ---- exported models -----------------------------------------------------------------------------------------
+def sidecar_path(onnx_path):
+    """The JSON sidecar beside an exported model: NAME.json for NAME.onnx."""
+    return os.path.splitext(str(onnx_path))[0] + ".json"
+
+
+def session_options(threads=None):
+    """CPU session options: `threads` intra-op threads (None: ONNX Runtime's choice), one inter-op thread, and
+    no spinning, so that sessions interleaved with each other or with torch threads do not burn the cores. The
+    export's check and ort_detector's backend run alike."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
 
 class Detections(dict):

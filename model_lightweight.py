@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.ops.misc import Conv2dNormActivation
 
 from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
 from checkpoints import STARTER_SIZE, load_checkpoint_file, load_init, read_backbone_state, unwrap_state_dict
@@ -65,9 +64,20 @@ DENSE_MAX_CHANNELS = 128  # stages up to this width use dense 3x3 bottlenecks, w
 Activation = partial(nn.LeakyReLU, 0.1)  # cheap, and NanoDet-Plus shows it works for small detectors
 
 
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias, "same" padding) -> BatchNorm -> activation, children named 0, 1, 2 as torchvision's
+    Conv2dNormActivation names them (checkpoints load either way); written here so that loading the model for a
+    predict does not import torchvision (issue #27: a cold start)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True):
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
+                            bias=False), nn.BatchNorm2d(out_channels)]
+        super().__init__(*layers, *([Activation(inplace=True)] if activation else []))
+        self.out_channels = out_channels
+
+
 def conv_bn_act(in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True):
-    return Conv2dNormActivation(in_channels, out_channels, kernel_size, stride, groups=groups,
-                                activation_layer=Activation if activation else None)
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, activation)
 
 
 def depthwise_separable(in_channels, out_channels, kernel_size=3, stride=1):
@@ -199,7 +209,7 @@ class FusedLevelConv(nn.Module):
 def fuse_batchnorm_(module):
     """Fold every BatchNorm of `module` into the convolution before it, in place (eval statistics).
 
-    Conv -> BN pairs inside Sequentials (Conv2dNormActivation) become one conv; each SharedConvLevelBN
+    Conv -> BN pairs inside Sequentials (ConvBNAct) become one conv; each SharedConvLevelBN
     becomes a FusedLevelConv. Raises RuntimeError if a BatchNorm is left, so a new layer type is not
     run or exported unfused by accident.
     """
@@ -366,7 +376,7 @@ class LightweightDetector(nn.Module):
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def postprocess(self, outputs, conf_threshold=None, iou_threshold=None, max_detections=None):
-        """Decode and NMS (class-aware, torchvision.ops.batched_nms). Boxes in network-input pixels; None
+        """Decode and NMS (class-aware, inference.batched_nms). Boxes in network-input pixels; None
         settings as predict()'s."""
         scores = outputs["cls_logits"].float().sigmoid()  # (B, A, C)
         boxes = decode_boxes(outputs["points"], outputs["box_ltrb"].float())  # (B, A, 4)

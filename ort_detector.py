@@ -18,13 +18,11 @@ import tempfile
 import numpy as np
 import torch
 
-import export
 import inference
 import model_lightweight
 from config import inference_defaults
-from export import session_options, sidecar_path
 from inference import (Detections, count_inputs, detection_settings, letterbox_groups, phase_timer, select_detections,
-                       unletterbox)
+                       session_options, sidecar_path, unletterbox)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +68,7 @@ def exported_copy(checkpoint, threads=None, cache_dir=None):
     Never NAME.onnx beside the checkpoint: that is where export.py writes by default, perhaps with other options
     (--include-nms, another --img-size), and it is the user's file. A new export is written in a temporary
     folder and moved in when export.py has checked it, so an interrupted or failed export leaves nothing to reuse."""
+    import export  # here: exporting needs torchvision and onnx, which running an .onnx or a .pth does not
     options = {"opset": export.DEFAULT_OPSET}
     key = hashlib.sha256(json.dumps({"options": options, "torch": torch.__version__}).encode())
     for path in (checkpoint, export.__file__, model_lightweight.__file__, inference.__file__):

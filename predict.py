@@ -8,7 +8,7 @@ optional evaluation.
     python predict.py --run finetune_results/whiteline_<stamp>    # the images the run validated on, drawn and scored
 
 --source is an image, a video (mp4/avi/mov/mkv, read with PyAV), a folder (its images and videos, not subfolders) or
-a glob (quote it; ** recurses). Images are read by dataset_coco.decode_image (EXIF orientation, grayscale, palette,
+a glob (quote it; ** recurses). Images are read by image_io.decode_image (EXIF orientation, grayscale, palette,
 alpha, CMYK and 16-bit handled). Each run writes a new folder: --save-dir (default predictions), or predictions-2,
 predictions-3, ... when it exists (--exist-ok reuses it); it is made by the first file written, so a run that fails
 on its input leaves none. It receives each image with its boxes drawn, as NAME.EXT (not with --no-save), and
@@ -36,12 +36,11 @@ import sys
 
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from config import inference_defaults, run_cli, write_json_atomic
 from annotations import IMAGE_EXTENSIONS, index_coco, read_annotations
-from dataset_coco import CocoDetectionDataset, load_image
+from image_io import decode_image, pil_to_tensor
 from evaluate import (MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco,
                       speed_line, speed_ms, timed_iter)
 from ort_detector import ModelLoadError, load_detector
@@ -173,7 +172,7 @@ def numbered_dir(path, exist_ok=False):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(index, dataset_coco.DecodedImage or None, error message or None) per path; bad files do not raise. A JPEG
+    """(index, image_io.DecodedImage or None, error message or None) per path; bad files do not raise. A JPEG
     at least twice `min_side` is decoded reduced (decode_image); None decodes every image in full."""
 
     def __init__(self, paths, min_side=None):
@@ -183,7 +182,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from dataset_coco import decode_image
         try:
             return index, decode_image(self.paths[index], self.min_side), None
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
@@ -238,6 +236,7 @@ def coco_ids(ann_path, paths, class_names):
                           if image["id"] in path_of],
                "annotations": [dict(ann) for ann in coco.dataset["annotations"] if ann["image_id"] in path_of],
                "categories": coco.dataset["categories"], "info": {"source": str(ann_path)}}
+    from dataset_coco import CocoDetectionDataset  # with --ann only: predict's cold start skips torchvision
     try:
         dataset = CocoDetectionDataset(matched, os.path.dirname(path_of[image_ids[0]]), classes=list(class_names))
     except (FileNotFoundError, ValueError) as error:
@@ -262,7 +261,7 @@ def _match_image(path, by_base, ann_path):
 
 def predict_images(model, paths, skipped, conf_threshold=None, iou_threshold=None, max_detections=None,
                    batch_size=8, workers=0, progress=True, timings=None, min_side=None):
-    """Yield (index, dataset_coco.DecodedImage, CPU result of model.predict) per readable path, in batches with
+    """Yield (index, image_io.DecodedImage, CPU result of model.predict) per readable path, in batches with
     a progress bar; unreadable paths are logged and appended to `skipped`. The boxes are in the original image's
     pixels (decoded.size) even where `min_side` (ImageFiles) had a large JPEG decoded reduced. The thresholds go to
     model.predict (None: its defaults). `timings`: None, or a dict that gets the seconds spent waiting for decoded
