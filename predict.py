@@ -42,7 +42,7 @@ from config import inference_defaults, run_cli, write_json_atomic
 from annotations import IMAGE_EXTENSIONS, index_coco, read_annotations
 from image_io import decode_image, pil_to_tensor
 from evaluate import (MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco,
-                      speed_line, speed_ms, timed_iter)
+                      speed_line, speed_ms, timed_iter, to_original_frame)
 from ort_detector import ModelLoadError, load_detector
 from plots import draw_detections
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
@@ -265,8 +265,9 @@ def predict_images(model, paths, skipped, conf_threshold=None, iou_threshold=Non
     a progress bar; unreadable paths are logged and appended to `skipped`. The boxes are in the original image's
     pixels (decoded.size) even where `min_side` (ImageFiles) had a large JPEG decoded reduced. The thresholds go to
     model.predict (None: its defaults). `timings`: None, or a dict that gets the seconds spent waiting for decoded
-    images ("decode") and model.predict's phases (evaluate.speed_ms)."""
-    from evaluate import to_original_frame  # here, not at the top: predict.py's imports are kept lean (cold start)
+    images ("decode") and model.predict's phases (evaluate.speed_ms). Paths that fit in one batch are decoded in
+    this process: with nothing to overlap, starting `workers` would only delay the first detection."""
+    workers = workers if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(ImageFiles(paths, min_side), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     bar = tqdm(loader, desc="predict", unit="batch", disable=not progress, file=sys.stderr)
@@ -445,7 +446,8 @@ def get_args_parser():
                                                     "labels): ids and evaluation")
     parser.add_argument("--batch-size", type=_at_least(1), default=8, help="images per forward pass")
     parser.add_argument("--workers", type=_at_least(0), default=2,
-                        help="image-decoding worker processes (0: main process)")
+                        help="image-decoding worker processes (0: main process; a source that fits in one batch "
+                             "is decoded in the main process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device, e.g. cpu or cuda")
     parser.add_argument("--compile", action="store_true",
