@@ -1,0 +1,63 @@
+"""Class-aware head init (#28): a fine-tuning's class whose name the starting checkpoint knows (case-insensitive,
+COCO's synonyms, '_' as ' ') starts from that checkpoint's own class output row; the other rows start afresh."""
+import pytest
+import torch
+
+from checkpoints import class_key, load_init, match_class_names, model_checkpoint, save_checkpoint
+from model_lightweight import create_lightweight_model
+
+START = ["person", "car", "motorcycle", "airplane", "couch", "tv", "dining table", "potted plant", "dog"]
+
+
+@pytest.mark.parametrize("name, start", [("Dog", "dog"), ("motorbike", "motorcycle"), ("aeroplane", "airplane"),
+                                         ("sofa", "couch"), ("tvmonitor", "tv"), ("diningtable", "dining table"),
+                                         ("pottedplant", "potted plant"), ("potted_plant", "potted plant"),
+                                         ("Dining_Table", "dining table"), ("TV", "tv")])
+def test_names_match_with_synonyms(name, start):
+    assert match_class_names([name], START) == {0: START.index(start)}
+
+
+def test_unknown_names_do_not_match():
+    assert match_class_names(["kangaroo", "dogs", "table", "monitor"], START) == {}
+    assert class_key("Potted_Plant") == class_key("potted plant") == "pottedplant"
+
+
+def start_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    start = create_lightweight_model(len(START), "nano", img_size=64)
+    with torch.no_grad():  # distinct, recognisable rows: row j is all j + 1
+        for j in range(len(START)):
+            start.head.cls_pred.weight[j].fill_(j + 1)
+            start.head.cls_pred.bias[j].fill_(-(j + 1))
+    path = tmp_path / "start.pth"
+    save_checkpoint(model_checkpoint(start, START), path)
+    return str(path), start
+
+
+def test_load_init_copies_the_matching_rows_and_no_others(tmp_path):
+    path, start = start_checkpoint(tmp_path)
+    names = ["kangaroo", "Motorbike", "dog", "sofa_bed", "TVMonitor"]
+    torch.manual_seed(1)
+    model = create_lightweight_model(len(names), "nano", img_size=64, imagenet_pretrained=False)
+    fresh = {k: v.clone() for k, v in model.head.cls_pred.state_dict().items()}
+    line = load_init(model, path, class_names=names)
+    weight, bias = model.head.cls_pred.weight, model.head.cls_pred.bias
+    copied = {1: START.index("motorcycle"), 2: START.index("dog"), 4: START.index("tv")}
+    for row in range(len(names)):
+        if row in copied:
+            assert torch.equal(weight[row], start.head.cls_pred.weight[copied[row]])
+            assert bias[row] == start.head.cls_pred.bias[copied[row]]
+        else:  # the focal-prior init of a new class, untouched
+            assert torch.equal(weight[row], fresh["weight"][row]) and bias[row] == fresh["bias"][row]
+    assert "Motorbike (motorcycle), dog (dog), TVMonitor (tv)" in line and "new: kangaroo, sofa_bed" in line
+    # everything else is the start's, as without class-aware init
+    assert torch.equal(model.head.box_pred.weight, start.head.box_pred.weight)
+
+
+def test_without_class_names_no_row_is_copied(tmp_path):
+    path, _ = start_checkpoint(tmp_path)
+    torch.manual_seed(1)
+    model = create_lightweight_model(2, "nano", img_size=64, imagenet_pretrained=False)
+    fresh = model.head.cls_pred.weight.clone()
+    load_init(model, path)
+    assert torch.equal(model.head.cls_pred.weight, fresh)
