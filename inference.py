@@ -111,6 +111,11 @@ def detection_settings(detector, conf_threshold=None, iou_threshold=None, max_de
     return conf_threshold, iou_threshold, max_detections
 
 
+def lowest_threshold(conf_threshold):
+    """The lowest of per-class score thresholds (a score stays as it is): what one cut for every class keeps."""
+    return min(float(t) for t in conf_threshold) if isinstance(conf_threshold, (list, tuple)) else conf_threshold
+
+
 def select_detections(scores_all, boxes_all, conf_threshold, iou_threshold, max_detections, pre_nms_topk=1000):
     """Detections of a batch: scores (B, A, C) probabilities and boxes (B, A, 4) xyxy -> per image the (class,
     box) pairs scoring at least `conf_threshold` (a score, or a sequence of one per class), the `pre_nms_topk`
