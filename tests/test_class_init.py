@@ -1,5 +1,8 @@
 """Class-aware head init (#28): a fine-tuning's class whose name the starting checkpoint knows (case-insensitive,
 COCO's synonyms, '_' as ' ') starts from that checkpoint's own class output row; the other rows start afresh."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -61,3 +64,29 @@ def test_without_class_names_no_row_is_copied(tmp_path):
     fresh = model.head.cls_pred.weight.clone()
     load_init(model, path)
     assert torch.equal(model.head.cls_pred.weight, fresh)
+
+
+def test_the_class_init_study_runs_on_a_tiny_synthetic_coco(tmp_path, monkeypatch):
+    """benchmarks/class_init_study.py end to end at toy scale: a one-epoch nano starter without the held-out part,
+    both arms for one seed, the report. Its figures mean nothing; the plumbing is what is checked."""
+    import sys
+    from conftest import REPO, skip_run_pictures
+    from synthetic_data import write_coco_layout
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import class_init_study as study
+    skip_run_pictures(monkeypatch)
+    write_coco_layout(str(tmp_path / "coco"), ["person", "car", "dog"], num_train=24, num_val=4, img_size=64, seed=0)
+    out = tmp_path / "study"
+    argv = ["--coco-root", str(tmp_path / "coco"), "--starter-epochs", "1", "--model-size", "nano", "--img-size",
+            "64", "--epochs", "1", "--seeds", "0", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+            "--held-out-fraction", "0.5", "--out", str(out), "--no-progress"]
+    curves = study.main(argv)
+    assert set(curves) == {("none", 0), ("by_name", 0)}
+    report = (out / "class_init_study.md").read_text()
+    assert "| by_name |" in report and "## Verdict" in report
+    held_out = json.loads((out / "held_out.json").read_text())
+    starter_part = json.loads((out / "starter_part.json").read_text())
+    assert not {i["file_name"] for i in held_out["images"]} & {i["file_name"] for i in starter_part["images"]}
+    log = (out / "runs" / "by_name_seed_0" / "summary.json").read_text()
+    assert "copied the class output of" in json.loads(log)["provenance"]["weights"]
+    assert study.main(argv).keys() == curves.keys()  # the second time reuses every run
