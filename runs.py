@@ -39,6 +39,7 @@ SPLIT_FILE = "split.json"
 PR_CURVE_FILE = "pr_curve.csv"
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion_matrix.png"
+MAX_CLASSES_IN_LINE = 8  # the epoch and final log lines name each class up to this many (pretraining has ~30)
 PER_CLASS_FIELDS = ("class", "num_gt", "AP", "AP50", "best_f1", "best_f1_threshold", "best_f1_precision",
                     "best_f1_recall", "conf_threshold")
 # Where both scripts write their checkpoints (file kind -> path in the run folder) and the summary key of each.
@@ -367,7 +368,7 @@ def final_line(summary, seconds, stages=True):
     metrics, threshold = summary["best_metrics"], summary["conf_threshold"]
     stage = f" (stage {summary['best_stage']}, {summary['best_stage_name']})" if stages else ""
     per_class = summary.get("conf_thresholds") or []
-    if len(per_class) > 1:
+    if 1 < len(per_class) <= MAX_CLASSES_IN_LINE:
         threshold_note = f"; per class {threshold_text(per_class)} ({', '.join(summary['per_class'])})"
     else:
         threshold_note = ""
@@ -380,8 +381,8 @@ def final_line(summary, seconds, stages=True):
 
 def epoch_line(row, config, is_best, metrics=None):
     """The epoch's log line: loss terms, mAP and mAP50, P/R/F1 at report_threshold and at the best-F1 threshold,
-    AP50 per class with two or more classes (`metrics`: the evaluation's), images per second and the epoch's
-    time."""
+    AP50 per class with two to MAX_CLASSES_IN_LINE classes (`metrics`: the evaluation's), images per second and the
+    epoch's time."""
     text = (f"epoch {row['epoch']} (stage {row['stage']}, {row['stage_name']}): loss {row['loss']:.4f} "
             f"(cls {row['loss_cls']:.4f}, box {row['loss_box']:.4f})")
     if row["mAP"] != "":
@@ -390,7 +391,7 @@ def epoch_line(row, config, is_best, metrics=None):
                  f"{config['report_threshold']:g}, "
                  f"{row['best_f1_precision']:.3f}/{row['best_f1_recall']:.3f}/{row['best_f1']:.3f} at "
                  f"{row['best_f1_threshold']:.3f} (best F1)")
-    if metrics is not None and len(metrics["per_class"]) > 1:
+    if metrics is not None and 1 < len(metrics["per_class"]) <= MAX_CLASSES_IN_LINE:
         text += f" | {per_class_line(metrics)}"
     return text + f" | {row['images_per_second']:.1f} img/s, {row['epoch_time']:.1f} s"
 
