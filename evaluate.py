@@ -430,30 +430,39 @@ def confusion_matrix(coco_gt, detections, image_ids, category_ids, thresholds, i
         anns = [ann for ann in coco_gt.imgToAnns.get(image_id, []) if ann["category_id"] in label_of]
         truth = [ann for ann in anns if not ann.get("iscrowd", 0)]
         true_labels = [label_of[ann["category_id"]] for ann in truth]
-        found = by_image.get(image_id, [])
-        boxes = _xyxy([box for _, box in found])
-        crowd = _xyxy([ann["bbox"] for ann in anns if ann.get("iscrowd", 0)])
-        if len(found) and len(crowd):
-            inside = _intersection(boxes, crowd) / (boxes[:, 2:] - boxes[:, :2]).prod(1, keepdim=True).clamp(min=1e-9)
-            keep = (inside <= 0.5).all(1).tolist()
-            found = [item for item, k in zip(found, keep) if k]
-            boxes = boxes[torch.tensor(keep, dtype=torch.bool)]
-        matched_det, matched_gt = set(), set()
-        if len(found) and truth:
-            iou = torchvision.ops.box_iou(boxes, _xyxy([ann["bbox"] for ann in truth]))
-            pairs = torch.nonzero(iou >= iou_threshold).tolist()
-            for d, g in sorted(pairs, key=lambda pair: -float(iou[pair[0], pair[1]])):
-                if d not in matched_det and g not in matched_gt:
-                    matched_det.add(d)
-                    matched_gt.add(g)
-                    matrix[found[d][0], true_labels[g]] += 1
-        for g, label in enumerate(true_labels):
-            if g not in matched_gt:
-                matrix[num_classes, label] += 1
-        for d, (label, _) in enumerate(found):
-            if d not in matched_det:
-                matrix[label, num_classes] += 1
+        found = _off_crowd(by_image.get(image_id, []), [ann["bbox"] for ann in anns if ann.get("iscrowd", 0)])
+        pairs = _matched_pairs(_xyxy([box for _, box in found]), _xyxy([ann["bbox"] for ann in truth]),
+                               iou_threshold)
+        for d, g in pairs:
+            matrix[found[d][0], true_labels[g]] += 1
+        for g in set(range(len(truth))) - {g for _, g in pairs}:
+            matrix[num_classes, true_labels[g]] += 1
+        for d in set(range(len(found))) - {d for d, _ in pairs}:
+            matrix[found[d][0], num_classes] += 1
     return matrix
+
+
+def _off_crowd(found, crowd_xywh):
+    """The (label, bbox xywh) detections of `found` with at most half their area inside any crowd region."""
+    if not found or not crowd_xywh:
+        return found
+    boxes = _xyxy([box for _, box in found])
+    inside = _intersection(boxes, _xyxy(crowd_xywh)) / (boxes[:, 2:] - boxes[:, :2]).prod(1, keepdim=True).clamp(min=1e-9)
+    return [item for item, keep in zip(found, (inside <= 0.5).all(1).tolist()) if keep]
+
+
+def _matched_pairs(boxes, truth, iou_threshold):
+    """One-to-one (detection, truth) index pairs of xyxy boxes at IoU >= iou_threshold, highest IoU first."""
+    if not len(boxes) or not len(truth):
+        return []
+    iou = torchvision.ops.box_iou(boxes, truth)
+    pairs, used_d, used_g = [], set(), set()
+    for d, g in sorted(torch.nonzero(iou >= iou_threshold).tolist(), key=lambda pair: -float(iou[pair[0], pair[1]])):
+        if d not in used_d and g not in used_g:
+            pairs.append((d, g))
+            used_d.add(d)
+            used_g.add(g)
+    return pairs
 
 
 def _xyxy(boxes_xywh):

@@ -92,9 +92,8 @@ def resolve_config(typed, argv=None):
     """config_transfer_learning.json < --config < `typed` (flags or keyword arguments); on --resume the run's own
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
     config, explicit = cfg.resolve("finetuning", typed)
-    config["class_name"] = parse_class_names(config["class_name"])
     config, checkpoint = runs.resume(config, explicit, runs.LAYOUT, SCRIPT, FIXED_KEYS)
-    config["class_name"] = parse_class_names(config["class_name"])  # a run before #28 saved one name as a string
+    config["class_name"] = parse_class_names(config["class_name"])  # also a run's from before #28: one string
     cfg.check_data(config, explicit)
     if checkpoint is None:
         resolve_init(config, typed)
