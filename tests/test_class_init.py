@@ -90,3 +90,17 @@ def test_the_class_init_study_runs_on_a_tiny_synthetic_coco(tmp_path, monkeypatc
     log = (out / "runs" / "by_name_seed_0" / "summary.json").read_text()
     assert "copied the class output of" in json.loads(log)["provenance"]["weights"]
     assert study.main(argv).keys() == curves.keys()  # the second time reuses every run
+
+
+def test_the_starter_copies_its_coco_classes_by_name():
+    """The shipped starter (float16 weights) into a lite0 of four classes: three known to it by name or synonym."""
+    from checkpoints import STARTER_PATH, load_checkpoint_file
+    starter = load_checkpoint_file(STARTER_PATH)
+    model = create_lightweight_model(4, "lite0", imagenet_pretrained=False)
+    line = load_init(model, "starter", class_names=["Dog", "motorbike", "kangaroo", "tvmonitor"])
+    assert "copied the class output of Dog (dog), motorbike (motorcycle), tvmonitor (tv)" in line
+    assert line.endswith("new: kangaroo")
+    names = starter["class_names"]
+    for row, name in ((0, "dog"), (1, "motorcycle"), (3, "tv")):
+        expected = starter["model_state_dict"]["head.cls_pred.bias"][names.index(name)].float()
+        assert model.head.cls_pred.bias[row] == expected
