@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors and Python types, so every file loads wi
     model_checkpoint(model, class_names)        what load_model and the README snippet read
     training_checkpoint(state, names, config)   + optimizer, schedule, EMA, scaler and RNG state: resumes exactly
     load_init(model, "starter")                 starting weights: random, ImageNet, the starter, or a file
+    match_class_names(names, start_names)       which class outputs a fine-tuning copies from its start (by name)
 
 This module sits below the network: it works on a model through its methods (load_detector_weights,
 load_backbone_weights, load_imagenet_weights) and never imports model_lightweight (timm keeps its `_builder.py`
@@ -93,15 +94,23 @@ def save_checkpoint(payload, path):
 
 
 def model_checkpoint(model, class_names, **extra):
-    """The plain-dict checkpoint that load_model and the README snippet read (`conf_threshold`: the score
-    threshold predict() defaults to; `extra` may override it)."""
+    """The plain-dict checkpoint that load_model and the README snippet read (`conf_thresholds`: the score
+    threshold of each class that predict() defaults to, fine-tuning's calibrated ones; `conf_threshold`: one for all
+    classes, which older readers take; `extra` may override both)."""
+    thresholds = getattr(model, "conf_thresholds", None)
     return {"model_state_dict": unwrap_state_dict(model.state_dict()),
             "model_config": copy.deepcopy(model.model_config), "class_names": list(class_names),
-            "conf_threshold": float(model.conf_threshold), **extra}
+            "conf_threshold": float(model.conf_threshold),
+            "conf_thresholds": [float(t) for t in thresholds] if thresholds else None, **extra}
 
 
 # ---- a model's starting weights ---------------------------------------------------------------------------------
 INITS = ("random", "imagenet", "starter")  # or the path of a checkpoint or backbone file
+CLASS_INITS = ("none", "by_name")  # fine-tuning's class_init: class outputs afresh, or copied by name
+# Names that differ between Pascal VOC (and other sets) and COCO, whose names the starter knows. Names are compared
+# after class_key: case, spaces, '_' and '-' do not count, so "dining table" is "diningtable" and "Potted_Plant"
+# is "pottedplant" without an entry here.
+CLASS_SYNONYMS = {"motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch", "tvmonitor": "tv"}
 STARTER_PATH = shipped_file("weights", "lite0_coco_starter.pth")  # beside this file, or where pip installed it
 STARTER_SIZE = "lite0"
 
@@ -116,7 +125,39 @@ def init_model_size(init):
     return (config or {}).get("model_size")
 
 
-def load_init(model, init, backbone_only=False):
+def class_key(name):
+    """A class name as match_class_names compares it: lower case, without spaces, '_' and '-', COCO's synonym."""
+    key = "".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+    return CLASS_SYNONYMS.get(key, key)
+
+
+def match_class_names(class_names, start_names):
+    """Which class of the start each class is, by name (class_key: case-insensitive, '_' as ' ', COCO's synonyms).
+
+    Returns:
+        {index into class_names: index into start_names} for the classes found; the others are absent.
+    """
+    start = {}
+    for index, name in enumerate(start_names):
+        start.setdefault(class_key(name), index)
+    return {index: start[class_key(name)] for index, name in enumerate(class_names) if class_key(name) in start}
+
+
+def _class_rows(checkpoint, class_names):
+    """({class index: start class index}, start class names) of a full checkpoint, for class-aware head init."""
+    start_names = checkpoint.get("class_names") or []
+    return match_class_names(class_names, start_names), list(start_names)
+
+
+def describe_class_rows(class_names, rows, start_names):
+    """'copied the class outputs of dog (dog), motorbike (motorcycle); new: kangaroo'."""
+    copied = ", ".join(f"{class_names[i]} ({start_names[j]})" for i, j in sorted(rows.items()))
+    new = ", ".join(name for i, name in enumerate(class_names) if i not in rows)
+    return (f"copied the class output of {copied or 'no class'} from the start's classes"
+            + (f"; new: {new}" if new else ""))
+
+
+def load_init(model, init, backbone_only=False, class_names=None):
     """Set `model`'s starting weights; returns one line naming what was loaded.
 
     Args:
@@ -125,15 +166,19 @@ def load_init(model, init, backbone_only=False):
             weight but the class output: load_detector_weights) or of a backbone file (the backbone only).
         backbone_only: load only the backbone of a file, even of a full checkpoint (create_lightweight_model's
             backbone_weights_path).
+        class_names: the model's class names, for class-aware head init (fine-tuning's class_init "by_name"):
+            a full checkpoint's class output rows of the classes it knows by name (match_class_names) are copied
+            too; None copies none. A start without class names (random, ImageNet, a backbone file) copies none.
     The loaders record the groups they filled in `model.pretrained_groups`; the rest stay random.
     Raises:
         ValueError (one line) when the weights do not fit the model or do not exist.
     """
+    nothing_copied = "; no class output copied (no class names in them)" if class_names is not None else ""
     if init == "random":
-        return "random weights"
+        return "random weights" + nothing_copied
     if init == "imagenet":
         model.load_imagenet_weights()
-        return f"ImageNet weights ({model.model_size} backbone)"
+        return f"ImageNet weights ({model.model_size} backbone)" + nothing_copied
     if backbone_only and init != "starter":
         report = model.load_backbone_weights(init)
         return f"the backbone of {init}: {report['loaded']}/{report['total']} backbone tensors"
@@ -149,11 +194,15 @@ def load_init(model, init, backbone_only=False):
         raise ValueError(f"{path} holds a {source_size!r} backbone but model_size is {model.model_size!r}; "
                          f"pass --model-size {source_size}")
     if "model_state_dict" in checkpoint:
-        report = model.load_detector_weights(path, checkpoint)
+        rows, start_names = _class_rows(checkpoint, class_names) if class_names is not None else ({}, [])
+        report = model.load_detector_weights(path, checkpoint, class_rows=rows)
         what = "the starter detector" if init == "starter" else "a full detector"
-        return f"{what} {path}: {report['loaded']}/{report['total']} tensors, all but the class output"
+        line = f"{what} {path}: {report['loaded']}/{report['total']} tensors, all but the class output"
+        if class_names is not None:
+            line += f"; {describe_class_rows(class_names, rows, start_names)}" if start_names else nothing_copied
+        return line
     report = model.load_backbone_weights(path, checkpoint=checkpoint)
-    return f"a backbone file {path}: {report['loaded']}/{report['total']} backbone tensors"
+    return f"a backbone file {path}: {report['loaded']}/{report['total']} backbone tensors" + nothing_copied
 
 
 # ---- RNG state (exact resume) ------------------------------------------------------------------------------

@@ -232,9 +232,10 @@ def resumed(config, saved, overrides, fixed_keys, path):
 
 
 def _comparable(value):
-    if isinstance(value, str) and "," in value:
+    """A fixed key's value as compared on --resume: a name, "a,b" and ["a", "b"] alike, case-insensitive."""
+    if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
-    return [str(v).lower() for v in value] if isinstance(value, list) else value
+    return [str(v).lower() for v in value] if isinstance(value, (list, tuple)) else value
 
 
 # ---- checks shared by both scripts ------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""COCO-style evaluation of a detector: mAP from pycocotools plus precision/recall/F1 at a threshold.
+"""COCO-style evaluation of a detector: mAP from pycocotools plus precision/recall/F1 at a threshold, AP, AP50 and
+the best-F1 threshold of every class, and a confusion matrix.
 
 `evaluate(model, data)` is the only evaluation path: training calls it every epoch with the live
 model and the CLI below scores a checkpoint. mAP numbers come straight from pycocotools' COCOeval, scored
 against the boxes as the dataset cleaned them for training (`ground_truth_coco`), not the raw file;
 precision, recall and F1 are read from COCOeval's own per-image matches (IoU 0.5), not from a
-second matcher, so both sets of numbers agree on what counts as a true positive.
+second matcher, so both sets of numbers agree on what counts as a true positive. Thresholds are one score or one
+per class (a checkpoint's calibrated per-class thresholds, `calibrated_thresholds`); a class without ground truth
+in the scored set has None (JSON null) for its AP, AP50 and best F1, never a crash.
 
 Score a fine-tuning run's best checkpoint (or its export, --checkpoint) on the images the run validated on, or a
 checkpoint on an annotated set:
@@ -33,6 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from config import inference_defaults, write_json_atomic
 from inference import clip_boxes, detection_settings
+from plots import threshold_text
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +142,8 @@ def _scored_area(ann, bbox_xywh, height, width):
     return float(area) * bbox_xywh[2] * bbox_xywh[3] / (w * h)
 
 
-def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=None):
+def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf_threshold=None,
+                 confusion_threshold=None):
     """Score COCO-format detections against ground truth with pycocotools.
 
     Args:
@@ -148,14 +153,20 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         image_ids: image ids to score (COCOeval `imgIds`); other images are ignored.
         category_ids: category ids to score (COCOeval `catIds`), label order.
         class_names: class name of each entry of `category_ids`.
-        conf_threshold: score threshold for "precision", "recall" and "f1"; None: the training scripts'
-            report_threshold (config.inference_defaults).
+        conf_threshold: score threshold for "precision", "recall" and "f1": a score, or a list of one per class;
+            None: the training scripts' report_threshold (config.inference_defaults).
+        confusion_threshold: the threshold(s) of "confusion_matrix", as conf_threshold; None: this evaluation's
+            calibrated thresholds (calibrated_thresholds), the ones fine-tuning stores for predict().
 
     Returns:
         dict with
         - "mAP", "mAP50", "mAP75", "AP_small", "AP_medium", "AP_large": COCOeval.stats[0:6];
         - "per_class_AP": {class name: AP@[.5:.95]}, the mean of COCOeval's precision array over
           IoU thresholds and recall points (area "all", 100 detections), as COCOeval's own mAP;
+        - "per_class": {class name: {"AP", "AP50", "num_gt" (ground-truth boxes), "best_f1",
+          "best_f1_threshold", "best_f1_precision", "best_f1_recall"}} in class order, the AP from the same
+          precision array (AP50 at IoU 0.5 alone) and the best F1 of the class's own detections; None for every
+          value but num_gt of a class without ground truth in `image_ids`;
         - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
         - "best_f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall": the best F1 over
           score thresholds, a threshold giving it (midway between the last score it keeps and the next lower
@@ -163,10 +174,12 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         - "pr_curve": {"recall", "precision", "score"} lists, the precision-recall curve at IoU 0.5 pooled over
           classes: every operating point, one per distinct detection score t (keeping 'score >= t'), scores
           descending; "best_f1_threshold" lies just under the score of the best-F1 point;
+        - "confusion_matrix": (K + 1) x (K + 1) counts as lists, confusion_matrix at `confusion_threshold`;
+          "confusion_thresholds": the K thresholds it used;
         - "num_detections": len(detections).
         Values pycocotools cannot define (its -1: no ground truth for that class or area range)
-        are nan; every class of `class_names` has a key. With no detections every defined value
-        is 0.0.
+        are nan (None in "per_class"); every class of `class_names` has a key. With no detections every defined
+        value is 0.0.
     """
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
         coco_gt = _gt_with_positive_ann_ids(coco_gt)
@@ -179,14 +192,68 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         cocoeval.summarize()
     metrics = {key: _defined(cocoeval.stats[index]) for key, index in STATS_KEYS.items()}
     metrics["per_class_AP"] = _per_class_ap(cocoeval, category_ids, class_names)
-    scores, is_tp, is_fp, num_gt = _pooled_matches(cocoeval)
+    scores, is_tp, is_fp, num_gt, labels, gt_per_class = _pooled_matches(cocoeval, category_ids)
     if conf_threshold is None:
         conf_threshold = inference_defaults()["report_threshold"]
-    metrics.update(_precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold))
+    kept = scores >= class_thresholds(conf_threshold, len(category_ids))[labels]
+    metrics.update(_precision_recall_at(is_tp[kept], is_fp[kept], num_gt))
     metrics.update(_best_f1(scores, is_tp, is_fp, num_gt))
+    metrics["per_class"] = _per_class(cocoeval, category_ids, class_names, scores, is_tp, is_fp, labels,
+                                      gt_per_class)
     metrics["pr_curve"] = _pr_curve(scores, is_tp, is_fp, num_gt)
+    if confusion_threshold is None:
+        confusion_threshold = calibrated_thresholds(metrics, inference_defaults()["conf_threshold"])[1]
+    metrics["confusion_thresholds"] = class_thresholds(confusion_threshold, len(category_ids)).tolist()
+    metrics["confusion_matrix"] = confusion_matrix(coco_gt, detections, image_ids, category_ids,
+                                                   metrics["confusion_thresholds"]).tolist()
     metrics["num_detections"] = len(detections)
     return metrics
+
+
+def class_thresholds(conf_threshold, num_classes):
+    """A score threshold, or one per class, as a float64 (num_classes,) array; a list of another length raises."""
+    thresholds = np.asarray(conf_threshold, dtype=np.float64).reshape(-1)
+    if thresholds.size == 1:
+        return np.full(num_classes, float(thresholds[0]))
+    if thresholds.size != num_classes:
+        raise ValueError(f"{thresholds.size} per-class thresholds for {num_classes} classes")
+    return thresholds
+
+
+def calibrated_thresholds(metrics, fallback):
+    """The thresholds fine-tuning stores for predict(): (the pooled best-F1 threshold, one per class).
+
+    A class's own best-F1 threshold where its detections found a true positive on val, else the pooled one; the
+    pooled one where any threshold found a true positive, else `fallback` (config_transfer_learning.json's
+    inference conf_threshold)."""
+    pooled = metrics["best_f1_threshold"] if metrics["best_f1"] > 0 else fallback
+    return pooled, [entry["best_f1_threshold"] if entry["best_f1"] else pooled
+                    for entry in metrics["per_class"].values()]
+
+
+def _per_class(cocoeval, category_ids, class_names, scores, is_tp, is_fp, labels, gt_per_class):
+    """AP, AP50 and the best F1 of each class (coco_metrics' "per_class"); None where the class has no ground truth.
+    `labels` (class index per detection) and `gt_per_class` are in class_names' order."""
+    params = cocoeval.params
+    precision = cocoeval.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxDets), COCOeval's catIds order
+    area_index, max_det_index = params.areaRngLbl.index("all"), params.maxDets.index(MAX_DETS)
+    iou_index = int(np.argmin(np.abs(np.asarray(params.iouThrs) - MATCH_IOU)))
+    per_class = {}
+    for index, name in enumerate(class_names):
+        num_gt = int(gt_per_class[index])
+        if num_gt == 0:
+            per_class[name] = {"AP": None, "AP50": None, "num_gt": 0, "best_f1": None, "best_f1_threshold": None,
+                               "best_f1_precision": None, "best_f1_recall": None}
+            continue
+        k = params.catIds.index(category_ids[index])  # COCOeval sorts catIds; class order may differ
+        values = precision[:, :, k, area_index, max_det_index]
+        at_50 = values[iou_index][values[iou_index] > -1]
+        defined = values[values > -1]
+        mine = labels == index
+        per_class[name] = {"AP": float(defined.mean()) if defined.size else None,
+                           "AP50": float(at_50.mean()) if at_50.size else None, "num_gt": num_gt,
+                           **_best_f1(scores[mine], is_tp[mine], is_fp[mine], num_gt)}
+    return per_class
 
 
 def _defined(value):
@@ -246,31 +313,37 @@ def _per_class_ap(cocoeval, category_ids, class_names):
     return per_class
 
 
-def _pooled_matches(cocoeval):
+def _pooled_matches(cocoeval, category_ids):
     """Per-detection outcome at IoU 0.5, area 'all', 100 dets, pooled over images and classes.
 
-    Returns (scores, is_tp, is_fp, num_gt): scores sorted high to low (stable, as COCOeval's
-    accumulate), boolean arrays aligned with them, and the number of non-ignored ground truths.
+    Returns (scores, is_tp, is_fp, num_gt, labels, gt_per_class): scores sorted high to low (stable, as
+    COCOeval's accumulate), boolean arrays and the class index (into `category_ids`) of each detection aligned with
+    them, the number of non-ignored ground truths, and that number per class (int64 (K,)).
     Detections matched to an ignored ground truth (crowd) are neither TP nor FP, as in COCOeval.
     """
     params = cocoeval.params
     iou_index = int(np.argmin(np.abs(np.asarray(params.iouThrs) - MATCH_IOU)))
     area_all = list(params.areaRng[params.areaRngLbl.index("all")])
-    scores, matched, ignored, num_gt = [], [], [], 0
+    label_of = {category_id: index for index, category_id in enumerate(category_ids)}
+    scores, matched, ignored, labels = [], [], [], []
+    gt_per_class = np.zeros(len(category_ids), dtype=np.int64)
     for entry in cocoeval.evalImgs:
         if entry is None or list(entry["aRng"]) != area_all or entry["maxDet"] != MAX_DETS:
             continue
+        label = label_of[entry["category_id"]]
         scores.append(np.asarray(entry["dtScores"], dtype=np.float64))
         matched.append(entry["dtMatches"][iou_index] > 0)  # holds the matched gt id, 0 = none
         ignored.append(entry["dtIgnore"][iou_index].astype(bool))
-        num_gt += int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
+        labels.append(np.full(len(entry["dtScores"]), label, dtype=np.int64))
+        gt_per_class[label] += int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
+    num_gt = int(gt_per_class.sum())
     if not scores:
         empty = np.zeros(0)
-        return empty, empty.astype(bool), empty.astype(bool), num_gt
-    scores, matched, ignored = (np.concatenate(parts) for parts in (scores, matched, ignored))
+        return empty, empty.astype(bool), empty.astype(bool), num_gt, empty.astype(np.int64), gt_per_class
+    scores, matched, ignored, labels = (np.concatenate(parts) for parts in (scores, matched, ignored, labels))
     order = np.argsort(-scores, kind="mergesort")
-    scores, matched, ignored = scores[order], matched[order], ignored[order]
-    return scores, matched & ~ignored, ~matched & ~ignored, num_gt
+    scores, matched, ignored, labels = scores[order], matched[order], ignored[order], labels[order]
+    return scores, matched & ~ignored, ~matched & ~ignored, num_gt, labels, gt_per_class
 
 
 def _prf(tp, fp, num_gt):
@@ -280,10 +353,9 @@ def _prf(tp, fp, num_gt):
     return precision, recall, f1
 
 
-def _precision_recall_at(scores, is_tp, is_fp, num_gt, conf_threshold):
-    """Precision, recall and F1 of the detections scoring at least conf_threshold."""
-    kept = scores >= conf_threshold
-    tp, fp = int(is_tp[kept].sum()), int(is_fp[kept].sum())
+def _precision_recall_at(is_tp, is_fp, num_gt):
+    """Precision, recall and F1 of the detections kept (at their thresholds)."""
+    tp, fp = int(is_tp.sum()), int(is_fp.sum())
     precision, recall, f1 = _prf(tp, fp, num_gt)
     return {"precision": precision, "recall": recall, "f1": f1}
 
@@ -328,6 +400,81 @@ def _pr_curve(scores, is_tp, is_fp, num_gt):
     tp, fp = np.cumsum(is_tp)[cuts], np.cumsum(is_fp)[cuts]
     return {"recall": (tp / num_gt).tolist(), "precision": (tp / np.maximum(tp + fp, 1)).tolist(),
             "score": scores[cuts].tolist()}
+
+
+def confusion_matrix(coco_gt, detections, image_ids, category_ids, thresholds, iou_threshold=MATCH_IOU):
+    """Counts of predicted against true class, with background, as Ultralytics' confusion matrix.
+
+    Per image, the detections scoring at least their class's threshold are matched to the ground-truth boxes one
+    to one, whatever the classes, highest IoU first, at IoU >= `iou_threshold`. A detection on a crowd region
+    (over half its area inside one) is left out, as COCOeval ignores it.
+
+    Args:
+        coco_gt, detections, image_ids, category_ids: as coco_metrics'.
+        thresholds: one score threshold per class (class_thresholds).
+    Returns:
+        int64 (K + 1, K + 1) array: [predicted, true], class indices in `category_ids` order and index K the
+        background: row K counts missed boxes, column K detections of nothing.
+    """
+    num_classes = len(category_ids)
+    label_of = {category_id: index for index, category_id in enumerate(category_ids)}
+    thresholds = class_thresholds(thresholds, num_classes)
+    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    by_image = collections.defaultdict(list)
+    for detection in detections:
+        label = label_of.get(detection["category_id"])
+        if label is not None and detection["score"] >= thresholds[label]:
+            by_image[detection["image_id"]].append((label, detection["bbox"]))
+    for image_id in image_ids:
+        anns = [ann for ann in coco_gt.imgToAnns.get(image_id, []) if ann["category_id"] in label_of]
+        truth = [ann for ann in anns if not ann.get("iscrowd", 0)]
+        true_labels = [label_of[ann["category_id"]] for ann in truth]
+        found = _off_crowd(by_image.get(image_id, []), [ann["bbox"] for ann in anns if ann.get("iscrowd", 0)])
+        pairs = _matched_pairs(_xyxy([box for _, box in found]), _xyxy([ann["bbox"] for ann in truth]),
+                               iou_threshold)
+        for d, g in pairs:
+            matrix[found[d][0], true_labels[g]] += 1
+        for g in set(range(len(truth))) - {g for _, g in pairs}:
+            matrix[num_classes, true_labels[g]] += 1
+        for d in set(range(len(found))) - {d for d, _ in pairs}:
+            matrix[found[d][0], num_classes] += 1
+    return matrix
+
+
+def _off_crowd(found, crowd_xywh):
+    """The (label, bbox xywh) detections of `found` with at most half their area inside any crowd region."""
+    if not found or not crowd_xywh:
+        return found
+    boxes = _xyxy([box for _, box in found])
+    inside = _intersection(boxes, _xyxy(crowd_xywh)) / (boxes[:, 2:] - boxes[:, :2]).prod(1, keepdim=True).clamp(min=1e-9)
+    return [item for item, keep in zip(found, (inside <= 0.5).all(1).tolist()) if keep]
+
+
+def _matched_pairs(boxes, truth, iou_threshold):
+    """One-to-one (detection, truth) index pairs of xyxy boxes at IoU >= iou_threshold, highest IoU first."""
+    if not len(boxes) or not len(truth):
+        return []
+    from torchvision.ops import box_iou  # here: predict.py imports this module and starts without torchvision
+    iou = box_iou(boxes, truth)
+    pairs, used_d, used_g = [], set(), set()
+    for d, g in sorted(torch.nonzero(iou >= iou_threshold).tolist(), key=lambda pair: -float(iou[pair[0], pair[1]])):
+        if d not in used_d and g not in used_g:
+            pairs.append((d, g))
+            used_d.add(d)
+            used_g.add(g)
+    return pairs
+
+
+def _xyxy(boxes_xywh):
+    boxes = torch.tensor(boxes_xywh, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+
+
+def _intersection(boxes, others):
+    """(N, M) intersection areas of xyxy boxes."""
+    top_left = torch.max(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = torch.min(boxes[:, None, 2:], others[None, :, 2:])
+    return (bottom_right - top_left).clamp(min=0).prod(2)
 
 
 def _collate_lists(batch):
@@ -470,7 +617,7 @@ def speed_line(timings):
 
 
 def evaluate(model, data, device=None, conf_threshold=None, iou_threshold=None, max_detections=None,
-             batch_size=8, num_workers=None):
+             batch_size=8, num_workers=None, confusion_threshold=None):
     """Score a detector on a COCO dataset: COCO mAP plus P/R/F1 at `conf_threshold`.
 
     Args:
@@ -480,12 +627,13 @@ def evaluate(model, data, device=None, conf_threshold=None, iou_threshold=None, 
         data: a `CocoDetectionDataset` built with transforms=None, or a DataLoader over one
             (batches of (images, targets); targets carry "image_id").
         device: where the images go; None -> the device of the model's parameters.
-        conf_threshold: score threshold for precision/recall/F1 (mAP always uses 0.001); None: the training
-            scripts' report_threshold, as training reports them.
+        conf_threshold: score threshold for precision/recall/F1, a score or one per class (mAP always uses
+            0.001); None: the training scripts' report_threshold, as training reports them.
         iou_threshold: NMS IoU passed to `model.predict`; None: config_transfer_learning.json's "inference" one.
         max_detections: per-image cap passed to `model.predict`; None: the "inference" section's.
         batch_size: images per `predict` call when `data` is a dataset.
         num_workers: DataLoader workers when `data` is a dataset; None -> dataset_coco's default.
+        confusion_threshold: as `coco_metrics`' (None: this evaluation's calibrated per-class thresholds).
 
     Returns:
         the dict of `coco_metrics`. The model's training mode is restored afterwards.
@@ -495,7 +643,7 @@ def evaluate(model, data, device=None, conf_threshold=None, iou_threshold=None, 
     detections = collect_detections(model, data, device, iou_threshold, max_detections,
                                     batch_size, num_workers)
     metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,
-                           dataset.class_names, conf_threshold)
+                           dataset.class_names, conf_threshold, confusion_threshold)
     logger.info("evaluated %d images, %d detections in %.1f s: mAP %.4f mAP50 %.4f",
                 len(dataset.image_ids), len(detections), time.time() - start,
                 metrics["mAP"], metrics["mAP50"])
@@ -503,11 +651,37 @@ def evaluate(model, data, device=None, conf_threshold=None, iou_threshold=None, 
 
 
 def _fmt(value):
-    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+    return "n/a" if value is None or isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+
+
+PER_CLASS_COLUMNS = (("boxes", "num_gt"), ("AP", "AP"), ("AP50", "AP50"), ("best F1", "best_f1"),
+                     ("threshold", "best_f1_threshold"), ("P", "best_f1_precision"), ("R", "best_f1_recall"))
+
+
+def format_per_class(per_class):
+    """coco_metrics' "per_class" as a plain-text table: a row per class, "n/a" where it has no ground truth."""
+    width = max([len("class")] + [len(str(name)) for name in per_class])
+    lines = [f"{'class':<{width}}" + "".join(f"  {title:>9}" for title, _ in PER_CLASS_COLUMNS),
+             "-" * (width + 11 * len(PER_CLASS_COLUMNS))]
+    for name, entry in per_class.items():
+        cells = [f"{entry['num_gt']:>9d}"] + [f"{_fmt(entry[key]):>9}" for _, key in PER_CLASS_COLUMNS[1:]]
+        lines.append(f"{str(name):<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def format_confusion(matrix, class_names):
+    """A confusion matrix ([predicted, true], background last) as a plain-text table."""
+    names, corner = [str(name) for name in class_names] + ["background"], "predicted \\ true"
+    width = max(len(corner), *(len(name) for name in names))
+    cell = max(6, *(len(name) for name in names))
+    lines = [f"{corner:<{width}}" + "".join(f"  {name:>{cell}}" for name in names)]
+    lines += [f"{name:<{width}}" + "".join(f"  {count:>{cell}d}" for count in row) for name, row in zip(names, matrix)]
+    return "\n".join(lines)
 
 
 def format_metrics(metrics):
-    """Render `coco_metrics` output as a plain-text table: overall numbers, then AP per class."""
+    """Render `coco_metrics` output as a plain-text table: overall numbers, then per class AP, AP50 and best F1, and
+    with two or more classes the confusion matrix."""
     rows = [("mAP@[.5:.95]", metrics["mAP"]), ("mAP@.5", metrics["mAP50"]),
             ("mAP@.75", metrics["mAP75"]), ("AP small", metrics["AP_small"]),
             ("AP medium", metrics["AP_medium"]), ("AP large", metrics["AP_large"]),
@@ -519,9 +693,15 @@ def format_metrics(metrics):
     lines = [f"{'metric':<{width}}  value", "-" * (width + 8)]
     lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
     lines.append(f"{'detections':<{width}}  {metrics.get('num_detections', 0)}")
-    if per_class:
+    if metrics.get("per_class"):
+        lines += ["", format_per_class(metrics["per_class"])]
+    elif per_class:
         lines += ["", f"{'class':<{width}}  AP@[.5:.95]", "-" * (width + 13)]
         lines += [f"{str(name):<{width}}  {_fmt(ap)}" for name, ap in per_class.items()]
+    if metrics.get("confusion_matrix") and len(metrics["confusion_matrix"]) > 2:
+        lines += ["", f"confusion matrix at IoU {MATCH_IOU:g}, thresholds "
+                      f"{threshold_text(metrics['confusion_thresholds'])}:",
+                  format_confusion(metrics["confusion_matrix"], list(metrics["per_class"]))]
     return "\n".join(lines)
 
 
@@ -542,8 +722,9 @@ def get_args_parser():
     parser.add_argument("--class-name", default=None,
                         help="score a 1-class model against this category (default: checkpoint class_names)")
     parser.add_argument("--conf", type=float, default=None,
-                        help=f"score threshold for precision/recall/F1 (default: the checkpoint's calibrated "
-                             f"threshold, stored by fine-tuning; else {defaults['conf_threshold']})")
+                        help=f"score threshold for precision/recall/F1 and the confusion matrix (default: the "
+                             f"checkpoint's calibrated thresholds, one per class, stored by fine-tuning; else "
+                             f"{defaults['conf_threshold']})")
     parser.add_argument("--iou", type=float, default=defaults["iou_threshold"],
                         help="NMS IoU threshold (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per predict call")
@@ -657,7 +838,7 @@ def main(argv=None):
         parser.exit(2, f"error: cannot load --checkpoint {args.checkpoint}: {str(error).splitlines()[0]}\n")
     class_names = _class_names(parser, args, model)
     if args.conf is None:
-        args.conf = model.conf_threshold
+        args.conf = detection_settings(model)[0]
     try:
         dataset, source = _scored_dataset(args, class_names, None if args.full_decode else model.img_size)
     except (ValueError, FileNotFoundError) as error:  # one line and exit status 2
@@ -670,7 +851,8 @@ def main(argv=None):
     detections = collect_detections(model, dataset, args.device if args.backend != "onnxruntime" else "cpu", args.iou,
                                     batch_size=args.batch_size, num_workers=0, timings=timings)
     metrics = coco_metrics(ground_truth_coco(dataset), detections, dataset.image_ids, dataset.category_ids,
-                           dataset.class_names, args.conf)
+                           dataset.class_names, args.conf, args.conf)
+    print(f"precision, recall and F1 at thresholds {threshold_text(args.conf)}")
     print(format_metrics(metrics))
     if args.save_json:
         write_json_atomic(detections, args.save_json, indent=None)

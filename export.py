@@ -23,7 +23,8 @@ level, because each level has its own BatchNorm). --int8 also writes NAME_int8.o
 ONNX Runtime's tools (quantize.py) on --calib-count images of --calib-images (default, for a checkpoint in its
 fine-tuning run folder: the run's training images, per its split.json); the float model stays beside it.
 predict.py and evaluate.py run either with --backend onnxruntime (ort_detector.py), the sidecar supplying class
-names, input size and the calibrated score threshold. The classic TorchScript-based exporter
+names, input size and the calibrated score thresholds (one per class: postprocess.calibrated_conf_thresholds). The
+classic TorchScript-based exporter
 (`dynamo=False`) is used: it needs no onnxscript and maps NMS to NonMaxSuppression through a symbolic.
 """
 import argparse
@@ -42,7 +43,8 @@ from torch import nn
 
 from config import inference_defaults, run_cli, write_json_atomic
 from dataset_coco import decode_image
-from inference import LETTERBOX_FILL, STRIDES, detection_settings, letterbox, session_options, sidecar_path
+from inference import (LETTERBOX_FILL, STRIDES, detection_settings, letterbox, lowest_threshold, session_options,
+                       sidecar_path)
 from model_lightweight import decode_boxes, fuse_batchnorm, load_model
 
 logger = logging.getLogger("export")
@@ -104,7 +106,9 @@ class ExportModel(nn.Module):
         self.include_nms = include_nms
         conf_threshold, iou_threshold, max_detections = detection_settings(model, conf_threshold, iou_threshold,
                                                                            max_detections)
-        self.nms_args = (int(max_detections), float(iou_threshold), float(conf_threshold))
+        # ONNX NonMaxSuppression has one score threshold: per-class thresholds keep the lowest in the graph, and
+        # the sidecar's calibrated_conf_thresholds filter the rows of each class
+        self.nms_args = (int(max_detections), float(iou_threshold), float(lowest_threshold(conf_threshold)))
         self.static = static_size is not None
         if self.static:
             training = model.training
@@ -286,10 +290,16 @@ def sidecar(model, args, onnx_path, outputs):
                               "applied_inside_model": True}},
         "outputs": outputs,
         "postprocess": {"calibrated_conf_threshold": model.conf_threshold,
+                        "calibrated_conf_thresholds": model.conf_thresholds,
                         "conf_threshold": args.conf, "iou_threshold": args.iou, "max_detections": args.max_det,
                         "max_detections_per": "image and class" if args.include_nms else "image",
                         "clip": "boxes mapped to original pixels are clipped to the image: x to [0, width], y to "
                                 "[0, height]",
+                        "per_class_thresholds": "calibrated_conf_thresholds (null: calibrated_conf_threshold for "
+                                                "every class) is the score threshold of each class, in class_names' "
+                                                "order; keep a (box, class) pair scoring at least its class's" +
+                                                (", a filter on the rows of the in-graph NMS, which keeps the "
+                                                 "lowest" if args.include_nms else ""),
                         "nms": "in graph (ONNX NonMaxSuppression, per class)" if args.include_nms
                         else "not in graph: class-aware NMS over boxes/scores (torchvision.ops.batched_nms)"},
         "batchnorm_fused": True, "torch_version": torch.__version__,
@@ -318,8 +328,9 @@ def get_args_parser():
                              "for runtimes without dynamic shapes, such as OpenCV's DNN module")
     parser.add_argument("--include-nms", action="store_true", help="NMS inside the graph; output detections (N, 7)")
     parser.add_argument("--conf", type=float, default=None,
-                        help=f"score threshold of the in-graph NMS (default: the checkpoint's calibrated threshold, "
-                             f"stored by fine-tuning; else {defaults['conf_threshold']})")
+                        help=f"score threshold of the in-graph NMS (default: the lowest of the checkpoint's "
+                             f"calibrated thresholds, one per class, stored by fine-tuning; else "
+                             f"{defaults['conf_threshold']})")
     parser.add_argument("--iou", type=float, default=defaults["iou_threshold"],
                         help="IoU threshold of the in-graph NMS (default: %(default)s)")
     parser.add_argument("--max-det", type=int, default=defaults["max_detections"],

@@ -1,7 +1,9 @@
-"""Fine-tune a pretrained detector to one class in three stages: heads, then + FPN, then everything.
+"""Fine-tune a pretrained detector to one class, or a few, in three stages: heads, then + FPN, then everything.
 
     python finetune_single_class.py --class-name kangaroo --train-root photos/images --train-ann photos/annots \\
         --val-root val/images --val-ann val/annots                       # lite0 from its starting weights
+    python finetune_single_class.py --class-name solid dashed --train-ann road/data.yaml    # two classes
+    python finetune_single_class.py --all-classes --train-ann defects/annots --class-init by_name
     python finetune_single_class.py --init pretrain_results/multi_class_<stamp>/best_model.pth \\
         --class-name whiteline --train-root data/train/JPEGImages --train-ann data/train/annotations.json \\
         --val-root data/val --val-ann data/val/annotations.json
@@ -13,14 +15,21 @@
     torchrun --nproc_per_node=2 finetune_single_class.py --config my.json --amp
 
 In Python (a notebook): `from finetune_single_class import finetune; summary = finetune(class_name=..., ...)`,
-keyword arguments being the config keys.
+keyword arguments being the config keys (class_name: a name, "a,b" or a list).
+
+Classes: --class-name names them (the order is the label order; several names or a comma list), --all-classes takes
+every category of the data, and neither takes the data's only one. One class runs exactly as the single-class script
+always did. --class-init by_name starts the class output of each class the starting checkpoint knows by name (the
+starter's COCO classes, with synonyms such as motorbike/motorcycle) from that checkpoint's own row
+(checkpoints.match_class_names); the default, none, starts every class output afresh.
 
 Every default lives in config_transfer_learning.json ("finetuning" and "optimization"); a --config file
 (sections or flat keys) overrides it, and flags override both. --init chooses the starting weights (see
 checkpoints.load_init); --pretrained-backbone PATH and --no-pretrained are its older spellings.
 --resume continues an interrupted run exactly (weights, optimizer, schedule, stage, EMA, RNG).
-Writes OUTPUT_DIR/<class>_<stamp>/ (OUTPUT_DIR/NAME with --name): best_model.pth, last_model.pth, config.json,
-metrics.csv, summary.json, pr_curve.csv, results.png, tensorboard/.
+Writes OUTPUT_DIR/<class>_<stamp>/ (a+b_<stamp> for classes a and b, N_classes_<stamp> for more than three;
+OUTPUT_DIR/NAME with --name): best_model.pth, last_model.pth, config.json, metrics.csv, summary.json,
+pr_curve.csv, per_class.csv, results.png, tensorboard/; with two or more classes also confusion_matrix.png.
 """
 import logging
 import os
@@ -30,8 +39,9 @@ import config as cfg
 import distributed
 import engine
 import runs
-from checkpoints import INITS, STARTER_SIZE, init_model_size, restore_training_state
+from checkpoints import CLASS_INITS, INITS, STARTER_SIZE, init_model_size, restore_training_state
 from dataset_coco import CocoDetectionDataset, augmented_side, build_transforms, dataset_report, load_train_val
+from evaluate import format_per_class
 from model_lightweight import LAYER_GROUPS, MODEL_SIZES, STRIDES
 from trainer import (build_model, build_optimizer, describe_trainable, fit, new_trainer, setup_process,
                      stage_writer_note, training_loader)
@@ -40,7 +50,8 @@ logger = logging.getLogger("finetune")
 
 SCRIPT = "finetune"
 SCRIPT_FILE = "finetune_single_class.py"
-FIXED_KEYS = ("model_size", "img_size", "class_name")  # a resumed run keeps them
+FIXED_KEYS = ("model_size", "img_size", "class_name", "all_classes")  # a resumed run keeps them
+MAX_NAMED_CLASSES = 3  # a run folder is named after up to this many classes, else after their count
 STAGES = (  # (name, pretrained layer groups the stage releases)
     ("heads", ("head",)),
     ("heads+fpn", ("fpn", "head")),
@@ -55,7 +66,14 @@ def get_args_parser(defaults):
     parser.add_argument("--config", help="JSON file (sections or flat keys) over config_transfer_learning.json")
     cfg.add_init_flags(parser, default("init", "starting weights: starter, imagenet, random, or a checkpoint or "
                                                "backbone file (none: starter for lite0)"))
-    parser.add_argument("--class-name", help="category to detect (case-insensitive); default: the data's only one")
+    classes = parser.add_mutually_exclusive_group()
+    classes.add_argument("--class-name", nargs="+", metavar="NAME",
+                         help="categories to detect (case-insensitive), in label order: --class-name a b, or a comma "
+                              "list a,b; default: the data's only one")
+    classes.add_argument("--all-classes", action="store_true", help="every category of the data, in id order")
+    parser.add_argument("--class-init", choices=CLASS_INITS, help=default(
+        "class_init", "by_name: start the class outputs of classes the starting checkpoint knows by name from its "
+                      "own; none: all afresh"))
     cfg.add_data_flags(parser, defaults)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES),
                         help=default("model_size", "nano | tiny | small | lite0; --init PATH: the file's size"))
@@ -75,6 +93,7 @@ def resolve_config(typed, argv=None):
     config < --config < `typed`. Returns (config, resume checkpoint or None)."""
     config, explicit = cfg.resolve("finetuning", typed)
     config, checkpoint = runs.resume(config, explicit, runs.LAYOUT, SCRIPT, FIXED_KEYS)
+    config["class_name"] = parse_class_names(config["class_name"])  # also a run's from before #28: one string
     cfg.check_data(config, explicit)
     if checkpoint is None:
         resolve_init(config, typed)
@@ -116,11 +135,37 @@ def resolve_init(config, typed):
         config["init"] = "starter"
 
 
+def parse_class_names(value):
+    """class_name as a list of names: a name, "a,b" or a list (of names or comma lists); None stays None."""
+    if value is None:
+        return None
+    parts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if parts is None or not all(isinstance(part, str) for part in parts):
+        raise cfg.ConfigError(f"class_name must be a name, 'a,b' or a list of names, got {value!r}")
+    names = [name.strip() for part in parts for name in part.split(",") if name.strip()]
+    if not names:
+        raise cfg.ConfigError(f"class_name {value!r} names no class")
+    return names
+
+
+def check_classes(config, class_names):
+    """num_classes, where set, equals the number of classes (it follows them when null)."""
+    if config["num_classes"] is not None and config["num_classes"] != len(class_names):
+        raise cfg.ConfigError(f"num_classes is {config['num_classes']} but the classes are {len(class_names)} "
+                              f"({', '.join(class_names)}); drop num_classes (it follows the class list) or name "
+                              f"{config['num_classes']} classes")
+
+
 def check_config(config):
     """Cross-field checks up front, each a one-line error."""
-    if config["num_classes"] != 1:
-        raise cfg.ConfigError(f"num_classes is {config['num_classes']}, but this script fine-tunes one class; "
-                              f"set num_classes to 1 and pick the class with class_name")
+    if config["class_name"] is not None and config["all_classes"]:
+        raise cfg.ConfigError(f"class_name {config['class_name']} and all_classes both choose the classes; pass one")
+    if config["class_name"] is not None:
+        check_classes(config, config["class_name"])
+    if config["num_classes"] is not None and config["num_classes"] < 1:
+        raise cfg.ConfigError(f"num_classes must be >= 1 (or null: the number of classes), got {config['num_classes']}")
+    if config["class_init"] not in CLASS_INITS:
+        raise cfg.ConfigError(f"class_init must be one of {', '.join(CLASS_INITS)}, got {config['class_init']!r}")
     for i in range(1, 4):
         if config[f"stage{i}_epochs"] < 0:
             raise cfg.ConfigError(f"stage{i}_epochs must be >= 0, got {config[f'stage{i}_epochs']}")
@@ -226,10 +271,11 @@ def begin_stage(trainer, stage):
 
 
 # ---- data and model -----------------------------------------------------------------------------------------
-def build_data(config):
-    """Training loader (moderate augmentation) and val dataset (original images) of the one class, and the split
-    record when part of the training annotations is held out for validation."""
-    classes = [config["class_name"]] if config["class_name"] else None
+def build_data(config, classes=None):
+    """Training loader (moderate augmentation) and val dataset (original images) of the run's classes (`classes`, a
+    resumed run's; else class_name, or every category with all_classes), their names, and the split record when
+    part of the training annotations is held out for validation."""
+    classes = classes or config["class_name"]
     bad = config["max_bad_image_fraction"]
     try:
         (train_data, train_root), (val_data, val_root), split = load_train_val(
@@ -242,13 +288,15 @@ def build_data(config):
                                    decode_side=config["img_size"])
     except (FileNotFoundError, ValueError) as error:
         raise cfg.ConfigError(str(error)) from None
-    if len(train.class_names) != 1:
-        raise cfg.ConfigError(f"{config['train_ann']} has {len(train.class_names)} categories; choose one with "
-                              f"--class-name ({', '.join(train.class_names)})")
+    if classes is None and not config["all_classes"] and len(train.class_names) != 1:
+        raise cfg.ConfigError(f"{config['train_ann']} has {len(train.class_names)} categories; choose with "
+                              f"--class-name ({', '.join(train.class_names)}), or take them all with --all-classes")
+    check_classes(config, train.class_names)
     if train.stats["boxes_kept"] == 0:
         s = train.stats
         raise cfg.ConfigError(
-            f"no usable {train.class_names[0]!r} box in {config['train_ann']}: {s['images_missing']} of "
+            f"no usable {' or '.join(repr(name) for name in train.class_names)} box in {config['train_ann']}: "
+            f"{s['images_missing']} of "
             f"{s['images_total']} images missing on disk, {s['boxes_dropped']} boxes dropped as degenerate or "
             f"non-finite, {s['crowd_ignored']} crowd boxes ignored; check --class-name and the annotation file")
     return training_loader(train, config, drop_last=True), val, train.class_names, split
@@ -259,13 +307,14 @@ def train(config, checkpoint=None, argv=None):
     where every rank trains on its shard and rank 0 evaluates and writes."""
     started = time.perf_counter()
     device = setup_process(config, SCRIPT_FILE, argv)
-    loader, val_dataset, class_names, split = build_data(config)
+    loader, val_dataset, class_names, split = build_data(config, checkpoint["class_names"] if checkpoint else None)
     if distributed.is_main_process():
         logger.info("training data:\n%s", dataset_report(loader.dataset, config["img_size"]))
-    model, provenance = build_model(config, 1, checkpoint)
+    model, provenance = build_model(config, len(class_names), checkpoint,
+                                    class_names if config["class_init"] == "by_name" else None)
     logger.info("pretrained groups: %s; new (random) groups: %s", ", ".join(provenance["pretrained"]) or "none",
                 ", ".join(provenance["new"]) or "none")
-    run = (runs.open_run(config, class_names, runs.LAYOUT, SCRIPT, class_names[0].replace(" ", "_"), provenance,
+    run = (runs.open_run(config, class_names, runs.LAYOUT, SCRIPT, run_name(class_names), provenance,
                          checkpoint) if distributed.is_main_process() else None)
     runs.write_split(run, split)
     trainer = new_trainer(config, model, provenance, loader, val_dataset, run, device, checkpoint)
@@ -274,7 +323,16 @@ def train(config, checkpoint=None, argv=None):
         return {}
     summary = runs.close_run(run)
     logger.info(runs.final_line(summary, time.perf_counter() - started))
+    if len(class_names) > 1 and summary.get("per_class"):
+        logger.info("best epoch per class (%s):\n%s", runs.PER_CLASS_FILE, format_per_class(summary["per_class"]))
     return summary
+
+
+def run_name(class_names):
+    """The run folder's name before its stamp: the class ('kangaroo'), 'a+b' for a few, 'N_classes' for more."""
+    if len(class_names) > MAX_NAMED_CLASSES:
+        return f"{len(class_names)}_classes"
+    return "+".join(name.replace(" ", "_").replace("/", "_") for name in class_names)
 
 
 def finetune(**settings):

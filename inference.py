@@ -116,10 +116,11 @@ def clip_boxes(boxes, size):
 
 def detection_settings(detector, conf_threshold=None, iou_threshold=None, max_detections=None):
     """(conf_threshold, iou_threshold, max_detections) with each None filled in: the score threshold from
-    `detector.conf_threshold` (a checkpoint's calibrated threshold, else the file's), NMS IoU and the per-image cap
-    from config_transfer_learning.json's "inference" section (config.inference_defaults), read only when needed."""
+    `detector.conf_thresholds` (a checkpoint's calibrated thresholds, one per class) or `detector.conf_threshold`
+    (one for all: an older checkpoint's calibrated threshold, else the file's), NMS IoU and the per-image cap from
+    config_transfer_learning.json's "inference" section (config.inference_defaults), read only when needed."""
     if conf_threshold is None:
-        conf_threshold = detector.conf_threshold
+        conf_threshold = getattr(detector, "conf_thresholds", None) or detector.conf_threshold
     if iou_threshold is None or max_detections is None:
         defaults = inference_defaults()
         iou_threshold = defaults["iou_threshold"] if iou_threshold is None else iou_threshold
@@ -127,15 +128,24 @@ def detection_settings(detector, conf_threshold=None, iou_threshold=None, max_de
     return conf_threshold, iou_threshold, max_detections
 
 
+def lowest_threshold(conf_threshold):
+    """The lowest of per-class score thresholds (a score stays as it is): what one cut for every class keeps."""
+    return min(float(t) for t in conf_threshold) if isinstance(conf_threshold, (list, tuple)) else conf_threshold
+
+
 def select_detections(scores_all, boxes_all, conf_threshold, iou_threshold, max_detections, pre_nms_topk=1000):
     """Detections of a batch: scores (B, A, C) probabilities and boxes (B, A, 4) xyxy -> per image the (class,
-    box) pairs scoring at least `conf_threshold`, the `pre_nms_topk` best, class-aware NMS (batched_nms), the
-    `max_detections` best. The PyTorch model and the ONNX Runtime backend share it, so both select alike."""
+    box) pairs scoring at least `conf_threshold` (a score, or a sequence of one per class), the `pre_nms_topk`
+    best, class-aware NMS (batched_nms), the `max_detections` best. The PyTorch model and the ONNX Runtime backend
+    share it, so both select alike."""
     num_classes = scores_all.shape[-1]
+    thresholds = torch.as_tensor(conf_threshold, dtype=scores_all.dtype, device=scores_all.device)
+    if thresholds.dim() and thresholds.numel() != num_classes:
+        raise ValueError(f"{thresholds.numel()} per-class score thresholds for {num_classes} classes")
     results = []
     for scores, boxes in zip(scores_all, boxes_all):
-        scores = scores.flatten()
-        keep = torch.nonzero(scores >= conf_threshold).squeeze(1)  # "score >= t", as evaluate's P/R
+        scores, above = scores.flatten(), (scores >= thresholds).flatten()  # (A, C) against (C,) or one score
+        keep = torch.nonzero(above).squeeze(1)  # "score >= t", as evaluate's P/R
         if keep.numel() > pre_nms_topk:
             keep = keep[scores[keep].topk(pre_nms_topk).indices]
         scores, labels = scores[keep], keep % num_classes

@@ -279,6 +279,14 @@ class DetectionHead(nn.Module):
         nn.init.constant_(self.cls_pred.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
         self.num_classes = num_classes
 
+    @torch.no_grad()
+    def copy_class_rows(self, weight, bias, rows):
+        """Class outputs from another head's classifier (`weight` (C', in, 1, 1), `bias` (C',)): row i := its row j
+        for each i: j of `rows`; the other rows keep theirs."""
+        for target, source in rows.items():
+            self.cls_pred.weight[target].copy_(weight[source])
+            self.cls_pred.bias[target].copy_(bias[source])
+
     def forward(self, features, strides):
         cls_logits, box_ltrb = [], []
         for level, (x, stride) in enumerate(zip(features, strides)):
@@ -336,6 +344,7 @@ class LightweightDetector(nn.Module):
         # predict()'s score threshold: the file's "inference" one until load_model reads a calibrated one (the
         # validation best-F1 threshold fine-tuning stores: a fixed 0.5 hides most detections of a short run).
         self.conf_threshold = inference_defaults()["conf_threshold"]
+        self.conf_thresholds = None  # one per class, fine-tuning's calibrated ones (load_model); wins when set
         # NHWC: PyTorch's CPU depthwise-conv backward is several times faster in channels_last.
         self.set_memory_format(torch.channels_last)
 
@@ -394,8 +403,10 @@ class LightweightDetector(nn.Module):
         Args:
             images: a CHW tensor, a BCHW batch, or a list of CHW tensors of different sizes; uint8 in
                 [0, 255] or float in [0, 1].
-            conf_threshold: keep detections scoring at least it; None: `self.conf_threshold` (a fine-tuned
-                checkpoint's calibrated threshold, else config_transfer_learning.json's "inference" one).
+            conf_threshold: keep detections scoring at least it: a score, or a sequence of one per class; None:
+                `self.conf_thresholds` (a fine-tuned checkpoint's calibrated threshold of each class), else
+                `self.conf_threshold` (an older checkpoint's one threshold, else config_transfer_learning.json's
+                "inference" one).
             iou_threshold, max_detections: class-aware NMS IoU and detections kept per image; None: the
                 "inference" section's (config.inference_defaults).
             timings: None, or a dict that phase_timer fills: seconds of letterbox ("preprocess"), the network
@@ -542,14 +553,16 @@ class LightweightDetector(nn.Module):
                     f"; missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "")
         return report
 
-    def load_detector_weights(self, path, checkpoint=None):
+    def load_detector_weights(self, path, checkpoint=None, class_rows=None):
         """Load everything but the class-specific output from a full checkpoint of the same architecture.
 
         Backbone, FPN, the head's branches and its box regressor are class-agnostic, so a detector
         pretrained on other classes initialises all of them; only ``head.cls_pred`` keeps its fresh
         focal-prior init (as in TFA, Wang et al. 2020, and MMDetection's ``load_from`` fine-tuning). This
         makes the first fine-tuning stage (heads on frozen backbone and FPN) train on pretrained features
-        at every level rather than on a random neck.
+        at every level rather than on a random neck. `class_rows` ({class index: the checkpoint's class index},
+        checkpoints.match_class_names) copies those classes' output rows too: a class the checkpoint already
+        detects starts from its own weights and bias instead of the prior.
 
         Returns:
             dict report: "loaded" and "total" tensor counts, "loaded_groups" (tensors per layer group),
@@ -577,6 +590,8 @@ class LightweightDetector(nn.Module):
             raise ValueError(f"{path} does not match this architecture: {len(missing)} missing tensors "
                              f"(e.g. {missing[:3]})")
         self.load_state_dict(loaded, strict=False)
+        if class_rows:
+            self.head.copy_class_rows(state["head.cls_pred.weight"], state["head.cls_pred.bias"], class_rows)
         groups = collections.Counter(k.split(".", 1)[0] for k in loaded)
         self.pretrained_groups.update(group for group in groups if group in LAYER_GROUPS)
         report = {"loaded": len(loaded), "total": len(own), "loaded_groups": dict(groups), "skipped": skipped,
@@ -693,6 +708,11 @@ def load_model(checkpoint_path, device="cpu"):
     model.class_names = checkpoint.get("class_names") or [str(i) for i in range(model.num_classes)]
     if checkpoint.get("conf_threshold"):  # else the file's, as create_lightweight_model set it
         model.conf_threshold = float(checkpoint["conf_threshold"])
+    thresholds = checkpoint.get("conf_thresholds")  # per class (#28); older checkpoints have the one above
+    if thresholds:
+        if len(thresholds) != model.num_classes:
+            raise ValueError(f"{checkpoint_path}: {len(thresholds)} conf_thresholds for {model.num_classes} classes")
+        model.conf_thresholds = [float(t) for t in thresholds]
     return model.to(device).eval()
 
 

@@ -6,7 +6,7 @@
 The same letterbox (rectangular, to multiples of 32, when the graph's height and width are dynamic), the same
 selection of detections (inference.select_detections: threshold, top-k, class-aware NMS) and the same
 mapping back to original pixels as the PyTorch model, so predict.py and evaluate.py give the same outputs with
-either backend. Class names, input size and the calibrated score threshold come from the sidecar. A .pth asked
+either backend. Class names, input size and the calibrated score thresholds (one per class) come from the sidecar. A .pth asked
 for on this backend is exported first (export.export_checkpoint); export.py itself never imports this module.
 """
 import hashlib
@@ -108,6 +108,10 @@ def read_sidecar(onnx_path):
     if not isinstance(class_names, list) or not class_names or not isinstance(size, int) or size <= 0:
         raise ModelLoadError(f"sidecar {path}: class_names must be a non-empty list and input.letterbox.size a "
                              f"positive integer, got {class_names!r} and {size!r}")
+    thresholds = (sidecar.get("postprocess") or {}).get("calibrated_conf_thresholds")
+    if thresholds is not None and (not isinstance(thresholds, list) or len(thresholds) != len(class_names)):
+        raise ModelLoadError(f"sidecar {path}: postprocess.calibrated_conf_thresholds must be a list of one score per "
+                             f"class ({len(class_names)}), got {thresholds!r}")
     if "boxes" not in outputs:
         raise ModelLoadError(f"{onnx_path} was exported with --include-nms; the backend needs the boxes and scores "
                              f"outputs: export it again without --include-nms")
@@ -138,8 +142,11 @@ class OrtDetector:
         self.class_names = list(self.sidecar["class_names"])
         self.num_classes = len(self.class_names)
         self.img_size = int(self.sidecar["input"]["letterbox"]["size"])
-        self.conf_threshold = float(self.sidecar.get("postprocess", {}).get("calibrated_conf_threshold")
+        postprocess = self.sidecar.get("postprocess", {})
+        self.conf_threshold = float(postprocess.get("calibrated_conf_threshold")
                                     or inference_defaults()["conf_threshold"])
+        thresholds = postprocess.get("calibrated_conf_thresholds")  # per class (#28); older sidecars: null
+        self.conf_thresholds = [float(t) for t in thresholds] if thresholds else None
 
     def predict(self, images, conf_threshold=None, iou_threshold=None, max_detections=None, timings=None):
         """As LightweightDetector.predict: per image a Detections, boxes (N, 4) xyxy in original pixels, scores,

@@ -1,5 +1,6 @@
-"""results.png: a training run at a glance, rewritten after every evaluation (both scripts); and detections drawn
-on images (predict.py's pictures and videos, the results of model.predict()).
+"""results.png: a training run at a glance, rewritten after every evaluation (both scripts); confusion_matrix.png
+(fine-tuning with two or more classes); and detections drawn on images (predict.py's pictures and videos, the
+results of model.predict()).
 
 Three panels: the loss terms per epoch; val mAP50 and mAP per epoch; the precision-recall curve at IoU 0.5 of the
 best epoch (pr_curve.csv: every operating point), with the calibrated score threshold (the one predict() defaults
@@ -70,6 +71,40 @@ def plot_results(rows, summary, path, title, pr_curve=None):
         ax.legend(fontsize=8)
     plot_pr_curve(axes[2], summary, pr_curve or {})
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def threshold_text(conf_threshold):
+    """A score threshold as text: '0.412', or one per class '0.412/0.377' (one number when they are equal)."""
+    values = [float(value) for value in np.asarray(conf_threshold, dtype=np.float64).reshape(-1)]
+    if len(set(values)) == 1:
+        return f"{values[0]:.3f}"
+    return "/".join(f"{value:.3f}" for value in values)
+
+
+def plot_confusion_matrix(matrix, class_names, path, title):
+    """Write a confusion matrix ([predicted, true] counts, background last: evaluate.confusion_matrix) as a picture:
+    the counts in each cell, the colour the share of the true class's column (what became of each true class),
+    as Ultralytics' confusion_matrix.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(0, keepdims=True), 1)
+    names = [str(name) for name in class_names] + ["background"]
+    side = min(16.0, 3 + 0.6 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 1, side), dpi=100)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for row, column in np.ndindex(*counts.shape):
+        if counts[row, column]:
+            ax.text(column, row, f"{int(counts[row, column])}", ha="center", va="center", fontsize=8,
+                    color="white" if shares[row, column] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="true", ylabel="predicted", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -204,7 +239,7 @@ def truth_and_prediction(image, target, prediction, class_names, conf_threshold,
                                 prediction["labels"], prediction["scores"], class_names)
     pair = Image.new("RGB", (2 * picture.width, height))
     for x, panel, title in ((0, truth, f"ground truth: {len(boxes)}"),
-                            (picture.width, predicted, f"predicted >= {conf_threshold:.3f}: "
+                            (picture.width, predicted, f"predicted >= {threshold_text(conf_threshold)}: "
                                                        f"{len(prediction['scores'])}")):
         font = label_font(font_size(height, picture.width))
         _draw_label(ImageDraw.Draw(panel), title, (0, 0), "#202020", font, panel.size)

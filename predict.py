@@ -21,7 +21,9 @@ files' outputs would share a name (a.jpg and a.png with --save-txt, a.mp4 and a.
 a.mp4; compared case-insensitively; predictions.json is reserved), the first (images first, each kind in sorted path
 order) keeps NAME and each later one appends its extension (a.png -> a_png.png and labels/a_png.txt), then _2, _3,
 ...: no output is overwritten within a run. The score threshold is the checkpoint's calibrated one unless --conf
-says otherwise. With --ann (any format dataset_coco reads), category and image ids are that file's (matched by class
+says otherwise (fine-tuning calibrates one per class, each class's best F1 on val; --conf is one for all). Each class
+is drawn in its own colour with its name. With --ann (any format dataset_coco reads), category and image ids are that
+file's (matched by class
 name and file path), and the image detections are scored against its ground truth with evaluate.coco_metrics;
 otherwise categories are 1..K in the checkpoint's class order and images 1..N in sorted path order.
 """
@@ -43,8 +45,9 @@ from annotations import IMAGE_EXTENSIONS, index_coco, read_annotations
 from image_io import decode_image, pil_to_tensor
 from evaluate import (MAP_SCORE_THRESHOLD, coco_metrics, format_metrics, ground_truth_coco, predictions_to_coco,
                       speed_line, speed_ms, timed_iter, to_original_frame)
+from inference import detection_settings, lowest_threshold
 from ort_detector import ModelLoadError, load_detector
-from plots import draw_detections
+from plots import draw_detections, threshold_text
 from video import VIDEO_EXTENSIONS, VideoError, VideoWriter, open_video, read_frames, video_fps
 
 logger = logging.getLogger("predict")
@@ -382,7 +385,9 @@ def _scores_text(scores):
 
 
 def above(result, conf_threshold):
-    keep = result["scores"] >= conf_threshold
+    """The detections of `result` scoring at least `conf_threshold`: a score, or one per class."""
+    thresholds = torch.as_tensor(conf_threshold, dtype=result["scores"].dtype)
+    keep = result["scores"] >= (thresholds[result["labels"]] if thresholds.dim() else thresholds)
     return {key: value[keep] for key, value in result.items()}
 
 
@@ -426,8 +431,9 @@ def get_args_parser():
     parser.add_argument("--run", help="a fine-tuning run folder: its best_model.pth, and the images it validated on "
                                       "(the val part of its --train-ann per RUN/split.json, or its --val-ann)")
     parser.add_argument("--conf", type=_fraction, default=None,
-                        help=f"score threshold for drawn and saved detections (default: the checkpoint's "
-                             f"calibrated threshold, stored by fine-tuning; else {defaults['conf_threshold']})")
+                        help=f"score threshold for drawn and saved detections, one for every class (default: "
+                             f"the checkpoint's calibrated thresholds, one per class, stored by fine-tuning; else "
+                             f"{defaults['conf_threshold']})")
     parser.add_argument("--iou", type=_fraction, default=defaults["iou_threshold"],
                         help="NMS IoU threshold (default: %(default)s)")
     parser.add_argument("--max-det", type=_at_least(1), default=defaults["max_detections"],
@@ -527,8 +533,9 @@ def main(argv=None):
         model.compile()  # nn.Module.compile: predict()'s self(...) runs the compiled forward
     class_names = list(model.class_names)
     if args.conf is None:
-        args.conf = model.conf_threshold
-        logger.info("score threshold %.3f (the checkpoint's; --conf overrides it)", args.conf)
+        args.conf = detection_settings(model)[0]  # the checkpoint's calibrated thresholds, one per class
+        logger.info("score threshold %s (the checkpoint's%s; --conf overrides it)", threshold_text(args.conf),
+                    f", per class: {', '.join(class_names)}" if isinstance(args.conf, list) else "")
     summary = {"images": 0, "skipped": [], "detections": 0, "videos": {}, "save_dir": save_dir,
                "predictions_json": None, "speed_ms": None}
     timings = {}
@@ -537,7 +544,7 @@ def main(argv=None):
     for video, stem in zip(videos, video_stems):
         frames, detections = predict_video(model, video, save_dir, args, class_names, args.progress, stem)
         summary["videos"][video] = {"frames": frames, "detections": detections}
-        print(f"{video}: {frames} frames, {detections} detections at conf >= {args.conf:g}: "
+        print(f"{video}: {frames} frames, {detections} detections at conf >= {threshold_text(args.conf)}: "
               f"{os.path.join(save_dir, stem)}.mp4 and .json")
     if paths:  # the last line, as Ultralytics' "Speed:"
         summary["speed_ms"] = speed_ms(timings)
@@ -554,7 +561,7 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names, timi
         coco, category_ids, image_ids = None, list(range(1, len(class_names) + 1)), list(range(1, len(paths) + 1))
     # With --ann, detections down to COCO's 0.001 are kept for mAP, so it equals evaluate.py's; the
     # drawings and predictions.json keep those above --conf.
-    predict_conf = min(args.conf, MAP_SCORE_THRESHOLD) if args.ann else args.conf
+    predict_conf = min(lowest_threshold(args.conf), MAP_SCORE_THRESHOLD) if args.ann else args.conf
     saved, all_detections, predicted, skipped = [], [], [], []
     # A drawing is of the photo's own size, as Ultralytics saves it, so it needs the full decode; without one, a
     # large JPEG is decoded at about the network's input size (issue #27).
@@ -577,15 +584,15 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names, timi
                            f"(e.g. {skipped[0]})")
     json_path = os.path.join(save_dir, "predictions.json")
     write_json_atomic(saved, json_path, indent=None)
-    print(f"{len(predicted)} images, {len(saved)} detections at conf >= {args.conf:g}"
+    print(f"{len(predicted)} images, {len(saved)} detections at conf >= {threshold_text(args.conf)}"
           f"{f', {len(skipped)} unreadable skipped' if skipped else ''}: "
           f"{'drawn images and ' if args.save else ''}{json_path}")
     result = {"images": len(predicted), "skipped": skipped, "detections": len(saved), "predictions_json": json_path}
     if coco is not None:
         print(f"evaluation against {args.ann}: mAP over the {len(all_detections)} detections with score >= "
-              f"{MAP_SCORE_THRESHOLD:g} (as evaluate.py), precision/recall/F1 at --conf {args.conf:g}")
+              f"{MAP_SCORE_THRESHOLD:g} (as evaluate.py), precision/recall/F1 at --conf {threshold_text(args.conf)}")
         result["metrics"] = coco_metrics(coco, all_detections, [image_ids[i] for i in predicted], category_ids,
-                                         class_names, args.conf)
+                                         class_names, args.conf, args.conf)
         print(format_metrics(result["metrics"]))
     return result
 

@@ -4,8 +4,12 @@ every epoch, how it resumes, and how the commands that score and deploy its mode
     RUN/config.json      the resolved config, as the run used it
     RUN/metrics.csv      one row per epoch, the same columns in both scripts (epoch_record)
     RUN/summary.json     class names, provenance of the starting weights, the best epoch, its metrics and
-                         calibrated score threshold, the last epoch, the files
+                         calibrated score thresholds (conf_threshold for all classes, conf_thresholds one per
+                         class), per_class (AP, AP50, best F1 and threshold of each class; null where a class has
+                         no val box), the last epoch, the files
     RUN/pr_curve.csv     the best epoch's precision-recall curve at IoU 0.5: every operating point (write_pr_curve)
+    RUN/per_class.csv    the best epoch's AP, AP50, best F1 and calibrated threshold of each class (write_best_records)
+    RUN/confusion_matrix.png  the best epoch's, at the calibrated thresholds, with two or more classes
     RUN/results.png      losses, val mAP and that curve, redrawn after every evaluation (plots.py)
     RUN/val_predictions.jpg  the best epoch's predictions beside the ground truth
     RUN/tensorboard/     the same numbers per epoch; losses, rates and gradient norms per iteration; val images
@@ -27,11 +31,17 @@ from checkpoints import load_training_checkpoint
 from config import ConfigError, load_json, resumed, write_json_atomic
 from dataset_coco import coco_layout_paths, load_train_val, resolve_image_path
 from model_lightweight import LAYER_GROUPS
-from plots import PANEL_HEIGHT, plot_results, prediction_grid, truth_and_prediction
+from plots import PANEL_HEIGHT, plot_confusion_matrix, plot_results, prediction_grid, threshold_text, \
+    truth_and_prediction
 
 logger = logging.getLogger(__name__)
 SPLIT_FILE = "split.json"
 PR_CURVE_FILE = "pr_curve.csv"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion_matrix.png"
+MAX_CLASSES_IN_LINE = 8  # the epoch and final log lines name each class up to this many (pretraining has ~30)
+PER_CLASS_FIELDS = ("class", "num_gt", "AP", "AP50", "best_f1", "best_f1_threshold", "best_f1_precision",
+                    "best_f1_recall", "conf_threshold")
 # Where both scripts write their checkpoints (file kind -> path in the run folder) and the summary key of each.
 LAYOUT = {"last": "last_model.pth", "best": "best_model.pth", "snapshot": os.path.join("snapshots", "epoch_{epoch}.pth")}
 BACKBONE_LAYOUT = {"last_backbone": os.path.join("backbone_weights", "last_backbone.pth"),
@@ -284,6 +294,9 @@ def epoch_record(epoch, stage, train_metrics, optimizer, metrics, best_map, epoc
         rates = [g["lr"] for g in optimizer.param_groups if g.get("layer_group") == group]
         row[f"lr_{group}"] = rates[0] if rates else ""
     row.update({k: metrics[k] if metrics else "" for k in METRIC_COLUMNS})
+    if metrics and len(metrics["per_class"]) > 1:  # AP50_<class>, AP_<class>; empty where a class has no val box
+        for name, entry in metrics["per_class"].items():
+            row.update({f"{key}_{name}": "" if entry[key] is None else entry[key] for key in ("AP50", "AP")})
     row.update(best_mAP=best_map if best_map is not None else "",
                images_per_second=train_metrics["images_per_second"], epoch_time=epoch_time)
     return {k: float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for k, v in row.items()}
@@ -293,6 +306,32 @@ def plot_run(run):
     """RUN/results.png: losses, val mAP and the best epoch's precision-recall curve (plots.plot_results)."""
     plot_results(run.log.rows, run.summary, os.path.join(run.run_dir, "results.png"),
                  f"{run.script}: {os.path.basename(run.run_dir)}", read_pr_curve(os.path.join(run.run_dir, PR_CURVE_FILE)))
+
+
+def write_best_records(run, metrics, plots=True):
+    """The best epoch's per-class records: per_class.csv (summary.json's per_class as a table) and, with two or more
+    classes and `plots`, confusion_matrix.png at the calibrated thresholds."""
+    path, tmp = os.path.join(run.run_dir, PER_CLASS_FILE), os.path.join(run.run_dir, PER_CLASS_FILE + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PER_CLASS_FIELDS)
+        writer.writeheader()
+        for name, entry in run.summary["per_class"].items():
+            writer.writerow({"class": name, **{k: "" if entry.get(k) is None else entry[k]
+                                               for k in PER_CLASS_FIELDS[1:]}})
+    os.replace(tmp, path)
+    if plots and len(run.class_names) > 1:
+        path = os.path.join(run.run_dir, CONFUSION_FILE)
+        tmp = path + ".tmp.png"
+        plot_confusion_matrix(metrics["confusion_matrix"], run.class_names, tmp,
+                              f"epoch {run.summary['best_epoch']}: IoU 0.5, thresholds "
+                              f"{threshold_text(metrics['confusion_thresholds'])}")
+        os.replace(tmp, path)
+
+
+def per_class_line(metrics):
+    """'AP50 per class: solid 0.912, dashed 0.853, kerb n/a' (n/a: no val box of the class)."""
+    return "AP50 per class: " + ", ".join(f"{name} {'n/a' if e['AP50'] is None else format(e['AP50'], '.3f')}"
+                                          for name, e in metrics["per_class"].items())
 
 
 def write_pr_curve(curve, path):
@@ -328,16 +367,22 @@ def final_line(summary, seconds, stages=True):
                 f"last epoch {summary.get('last_epoch')} in {summary.get('run_dir')}")
     metrics, threshold = summary["best_metrics"], summary["conf_threshold"]
     stage = f" (stage {summary['best_stage']}, {summary['best_stage_name']})" if stages else ""
+    per_class = summary.get("conf_thresholds") or []
+    if 1 < len(per_class) <= MAX_CLASSES_IN_LINE:
+        threshold_note = f"; per class {threshold_text(per_class)} ({', '.join(summary['per_class'])})"
+    else:
+        threshold_note = ""
     operating_point = (f"P/R/F1 {metrics['best_f1_precision']:.3f}/{metrics['best_f1_recall']:.3f}/"
                        f"{metrics['best_f1']:.3f} at the calibrated threshold {threshold:.3f}"
                        if metrics["best_f1"] > 0 else f"no true positive at any threshold (threshold {threshold:.3f})")
     return (f"{took}: best epoch {summary['best_epoch']}{stage}: mAP {metrics['mAP']:.4f} mAP50 "
-            f"{metrics['mAP50']:.4f}, {operating_point}; best model: {best_path}")
+            f"{metrics['mAP50']:.4f}, {operating_point}{threshold_note}; best model: {best_path}")
 
 
-def epoch_line(row, config, is_best):
+def epoch_line(row, config, is_best, metrics=None):
     """The epoch's log line: loss terms, mAP and mAP50, P/R/F1 at report_threshold and at the best-F1 threshold,
-    images per second and the epoch's time."""
+    AP50 per class with two to MAX_CLASSES_IN_LINE classes (`metrics`: the evaluation's), images per second and the
+    epoch's time."""
     text = (f"epoch {row['epoch']} (stage {row['stage']}, {row['stage_name']}): loss {row['loss']:.4f} "
             f"(cls {row['loss_cls']:.4f}, box {row['loss_box']:.4f})")
     if row["mAP"] != "":
@@ -346,6 +391,8 @@ def epoch_line(row, config, is_best):
                  f"{config['report_threshold']:g}, "
                  f"{row['best_f1_precision']:.3f}/{row['best_f1_recall']:.3f}/{row['best_f1']:.3f} at "
                  f"{row['best_f1_threshold']:.3f} (best F1)")
+    if metrics is not None and 1 < len(metrics["per_class"]) <= MAX_CLASSES_IN_LINE:
+        text += f" | {per_class_line(metrics)}"
     return text + f" | {row['images_per_second']:.1f} img/s, {row['epoch_time']:.1f} s"
 
 
@@ -385,11 +432,13 @@ class MetricsLog:
 
 def log_validation_images(writer, model, dataset, step, class_names, num_images=4):
     """The first val images as ground truth | predictions (val_prediction_pairs) for TensorBoard, at the score
-    threshold predict() uses for `model` (model.conf_threshold)."""
+    threshold(s) predict() uses for `model` (inference.detection_settings)."""
     if writer is None:
         return
+    from inference import detection_settings
     from torchvision.transforms.functional import pil_to_tensor
-    for i, pair in enumerate(val_prediction_pairs(model, dataset, class_names, model.conf_threshold, num_images,
+    threshold = detection_settings(model)[0]
+    for i, pair in enumerate(val_prediction_pairs(model, dataset, class_names, threshold, num_images,
                                                   height=TENSORBOARD_PANEL_HEIGHT)):
         writer.add_image(f"val/image_{i}", pil_to_tensor(pair), step)
 
@@ -401,7 +450,7 @@ TENSORBOARD_PANEL_HEIGHT = 320  # smaller than the file's: TensorBoard keeps eve
 
 def val_prediction_pairs(model, dataset, class_names, conf_threshold, num_images, height=PANEL_HEIGHT):
     """plots.truth_and_prediction of the first `num_images` readable val images (the same ones every epoch, so
-    epochs compare), predicted at `conf_threshold`."""
+    epochs compare), predicted at `conf_threshold` (a score, or one per class)."""
     items = []
     for index in range(len(dataset)):
         if len(items) == num_images:
@@ -420,7 +469,8 @@ def val_prediction_pairs(model, dataset, class_names, conf_threshold, num_images
 def write_val_predictions(run, model, dataset):
     """RUN/val_predictions.jpg for the best epoch: up to VAL_PREDICTIONS_IMAGES val images, ground truth | the
     predictions at the calibrated threshold, two pairs a row; people look at it before they read the numbers."""
-    pairs = val_prediction_pairs(model, dataset, run.class_names, run.summary["conf_threshold"],
+    pairs = val_prediction_pairs(model, dataset, run.class_names,
+                                 run.summary.get("conf_thresholds") or run.summary["conf_threshold"],
                                  VAL_PREDICTIONS_IMAGES)
     if pairs:
         path = os.path.join(run.run_dir, VAL_PREDICTIONS_FILE)

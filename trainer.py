@@ -23,12 +23,12 @@ import engine
 from checkpoints import json_safe, load_init, model_checkpoint, save_checkpoint, training_checkpoint
 from config import ConfigError, inference_defaults, write_json_atomic
 from dataset_coco import build_dataloader
-from evaluate import evaluate
+from evaluate import calibrated_thresholds, evaluate
 from losses import DetectionLoss
 from backbone_efficientnet import MissingWeightsPackageError
 from model_lightweight import LAYER_GROUPS, create_lightweight_model
-from runs import PR_CURVE_FILE, Run, epoch_line, epoch_record, log_validation_images, plot_run, write_pr_curve, \
-    write_val_predictions
+from runs import PR_CURVE_FILE, Run, epoch_line, epoch_record, log_validation_images, plot_run, write_best_records, \
+    write_pr_curve, write_val_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def lr_scale(config):
     return scale
 
 
-def build_model(config, num_classes, checkpoint=None):
+def build_model(config, num_classes, checkpoint=None, init_classes=None):
     """The model of a run and the provenance of its weights ({"weights", "pretrained", "new"} layer groups): a new
-    run's starting weights come from --init (checkpoints.load_init); a resumed run's architecture from its
+    run's starting weights come from --init (checkpoints.load_init; `init_classes`, the run's class names, also
+    copies the class outputs of the classes the starting checkpoint knows by name); a resumed run's architecture from its
     checkpoint, whose weights are restored later, and its provenance from the checkpoint's summary (older runs kept
     it in their config; a run from before provenance-aware stages froze every group as the recipe said, so: all
     pretrained)."""
@@ -136,7 +137,7 @@ def build_model(config, num_classes, checkpoint=None):
     try:
         model = create_lightweight_model(num_classes, config["model_size"], img_size=config["img_size"],
                                          imagenet_pretrained=False)
-        loaded = load_init(model, config["init"])
+        loaded = load_init(model, config["init"], class_names=init_classes)
     except (MissingWeightsPackageError, ValueError) as error:
         raise ConfigError(str(error)) from None
     logger.info("init: %s", loaded)
@@ -183,12 +184,16 @@ def finish_epoch(trainer, stage, epoch, train_metrics, started, evaluated=True):
     run.log.log(row, epoch)
     if evaluated and config["plots"]:
         log_validation_images(run.writer, model, trainer.val_dataset, epoch, run.class_names)
-    logger.info(epoch_line(row, config, is_best))
+    logger.info(epoch_line(row, config, is_best, metrics))
     if is_best:
+        threshold, thresholds = calibrated_thresholds(metrics, inference_defaults()["conf_threshold"])
         run.summary.update(best_epoch=epoch, best_stage=stage["index"], best_stage_name=stage["name"],
-                           conf_threshold=calibrated_threshold(metrics),
-                           best_metrics={k: v for k, v in metrics.items() if k not in ("per_class_AP", "pr_curve")})
+                           conf_threshold=threshold, conf_thresholds=thresholds,
+                           best_metrics={k: v for k, v in metrics.items() if k not in NOT_SUMMED_UP},
+                           per_class={name: {**entry, "conf_threshold": t}
+                                      for (name, entry), t in zip(metrics["per_class"].items(), thresholds)})
         write_pr_curve(metrics["pr_curve"], os.path.join(run.run_dir, PR_CURVE_FILE))
+        write_best_records(run, metrics, config["plots"])
     run.summary.update(run_dir=run.run_dir, last_epoch=epoch, last_metrics=row)
     save_epoch(trainer, stage, epoch, metrics, is_best)
     if is_best and config["plots"]:
@@ -214,10 +219,9 @@ def patience_stop(run, config, epoch, evaluated):
     return reason
 
 
-def calibrated_threshold(metrics):
-    """The validation best-F1 score threshold, which predict() then defaults to; config_transfer_learning.json's
-    inference conf_threshold when no threshold found a true positive."""
-    return metrics["best_f1_threshold"] if metrics["best_f1"] > 0 else inference_defaults()["conf_threshold"]
+# evaluate()'s results that summary.json's best_metrics leaves out: per_class (the summary's own key, with the
+# thresholds), the curve (pr_curve.csv) and the confusion matrix (confusion_matrix.png, per_class.csv's folder)
+NOT_SUMMED_UP = ("per_class_AP", "per_class", "pr_curve", "confusion_matrix", "confusion_thresholds")
 
 
 def save_epoch(trainer, stage, epoch, metrics, is_best):
@@ -234,7 +238,7 @@ def save_epoch(trainer, stage, epoch, metrics, is_best):
     if is_best:
         best = model_checkpoint(state.ema.module, run.class_names, config=json_safe(run.config),
                                 metrics=run.summary["best_metrics"], conf_threshold=run.summary["conf_threshold"],
-                                **metadata)
+                                conf_thresholds=run.summary.get("conf_thresholds"), **metadata)
         save_checkpoint(best, run.path("best"))
         if backbone is not None:
             save_checkpoint(backbone, run.path("best_backbone"))

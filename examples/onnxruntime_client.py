@@ -39,7 +39,9 @@ def nms(boxes, scores, iou_threshold):
 def detect(session, sidecar, image, conf=None):
     """PIL RGB image -> boxes (N, 4) xyxy in its pixels, scores (N,), class indices (N,)."""
     post = sidecar["postprocess"]
-    conf = post["calibrated_conf_threshold"] if conf is None else conf
+    if conf is None:  # the calibrated threshold of each class (older sidecars: one for all)
+        conf = post.get("calibrated_conf_thresholds") or post["calibrated_conf_threshold"]
+    conf = np.asarray(conf, dtype=np.float32)  # one score, or (C,) against the (A, C) scores
     x, (ratio_w, ratio_h) = letterbox(image, sidecar["input"]["letterbox"], sidecar["input"].get("static", False))
     boxes, scores = (output[0] for output in session.run(["boxes", "scores"], {"images": x}))  # (A, 4), (A, C)
     anchor, label = np.nonzero(scores >= conf)  # every (box, class) pair above the threshold

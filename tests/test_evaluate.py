@@ -487,7 +487,6 @@ def test_the_calibrated_threshold_gives_the_same_detections_on_batch_1_batch_8_a
     from checkpoints import model_checkpoint, save_checkpoint
     from model_lightweight import create_lightweight_model, load_model
     from ort_detector import OrtDetector
-    from trainer import calibrated_threshold
     from synthetic_data import write_shapes_split
     write_shapes_split(tmp_path / "images", tmp_path / "shapes.json", 8, ["square", "circle"], img_size=96, seed=0)
     paths = sorted(str(p) for p in (tmp_path / "images").iterdir())
@@ -516,7 +515,7 @@ def test_the_calibrated_threshold_gives_the_same_detections_on_batch_1_batch_8_a
     assert [os.path.basename(p) for p in paths] == [os.path.basename(i["file_name"]) for i in data["images"]]
     val = CocoDetectionDataset(str(tmp_path / "val.json"), str(tmp_path / "images"), transforms=None)
     metrics = evaluate.evaluate(model, val, batch_size=8, num_workers=0)
-    threshold = calibrated_threshold(metrics)
+    threshold = evaluate.calibrated_thresholds(metrics, 0.25)[0]
     assert metrics["best_f1"] > 0 and threshold == metrics["best_f1_threshold"]
     num_gt = len(data["annotations"])
     true_positives = round(metrics["best_f1_recall"] * num_gt)

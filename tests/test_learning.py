@@ -1,4 +1,5 @@
-"""The learning test: a nano detector, the real loss, data pipeline and evaluation, fits 8 synthetic images.
+"""The learning test: a nano detector, the real loss, data pipeline and evaluation, fits 8 synthetic images of two
+classes, each class on its own (issue #28: a few classes learn every class, not the mean of one good and one bad).
 
 If the assigner, the loss, the box decoding, the augmentation's box handling or the evaluation's
 coordinate mapping breaks, mAP50 collapses, which no shape check would notice.
@@ -36,3 +37,6 @@ def test_nano_fits_tiny_synthetic_set(shapes_dataset):
     metrics = evaluate(model, val, num_workers=0)
     assert metrics["mAP50"] >= 0.9, metrics
     assert metrics["recall"] >= 0.8, metrics
+    assert list(metrics["per_class"]) == shapes_dataset["class_names"]
+    for name, entry in metrics["per_class"].items():
+        assert entry["num_gt"] > 0 and entry["AP50"] >= 0.8 and entry["best_f1"] >= 0.8, (name, entry)

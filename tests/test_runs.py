@@ -161,7 +161,8 @@ def test_both_scripts_write_the_same_files_summary_keys_and_an_unchanged_config(
     finetuned = one_epoch_finetune
     files = {name: set(os.listdir(summary["run_dir"])) for name, summary in
              (("pre", pretrained), ("fine", finetuned))}
-    assert files["pre"] - files["fine"] == {"backbone_weights"}, files  # no snapshot in 1 epoch (save_interval 10)
+    # no snapshot in 1 epoch (save_interval 10); a confusion matrix with two or more classes
+    assert files["pre"] - files["fine"] == {"backbone_weights", "confusion_matrix.png"}, files
     assert files["fine"] - files["pre"] <= {"split.json"}, files
     assert {"best_model.pth", "last_model.pth", "config.json", "summary.json", "metrics.csv"} <= files["fine"]
     assert set(pretrained) - set(finetuned) == {"best_backbone", "last_backbone"}
