@@ -30,7 +30,7 @@ def _to_rgb(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+    return img if img.mode == "RGB" else img.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
 class DecodedImage(NamedTuple):
@@ -97,8 +97,10 @@ def _decode(img, min_side):
     stored_width, stored_height = img.size  # before any reduction or EXIF turn
     scale = _draft(img, min_side) if min_side else 1
     pad = (img.size[0] - stored_width / scale, img.size[1] - stored_height / scale)  # exact: multiples of 1/8
-    displayed = ImageOps.exif_transpose(img)
+    img.load()
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)  # read once loaded, as exif_transpose reads it (PNG eXIf)
+    # exif_transpose and convert("RGB") copy the photo even when they change nothing: 60 of a 12-MP photo's 200 ms.
+    displayed = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
     origin = DECODED_ORIGIN[orientation](*pad) if orientation in DECODED_ORIGIN else (0.0, 0.0)
     turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps the axes (not told by sizes: 803 and 801 at 1/8)
     size = (stored_width, stored_height) if turned else (stored_height, stored_width)

@@ -356,15 +356,21 @@ def results_json(result, name, image_id, category_ids, class_names):
 
 def draw(image, result, class_names):
     """uint8 (3, H, W) image with boxes and "name score" labels drawn by plots.draw_detections (lines and text
-    scale with the image, labels on a filled background), for pictures and video frames alike."""
+    scale with the image, labels on a filled background), for video frames; draw_picture for saved pictures."""
     if not len(result["labels"]):
         return image
-    return pil_to_tensor(draw_detections(image, result["boxes"], result["labels"], result["scores"], class_names))
+    return pil_to_tensor(draw_picture(image, result, class_names))
+
+
+def draw_picture(image, result, class_names):
+    """draw()'s drawing as a PIL image, which save_image writes without another copy of the photo's pixels."""
+    return draw_detections(image, result["boxes"], result["labels"], result["scores"], class_names)
 
 
 def save_image(image, path):
+    """Write a PIL image, or a uint8 (3, H, W) tensor, to `path` (JPEG and WebP at quality 95)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image.permute(1, 2, 0).numpy())
     picture.save(path, **({"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}))
 
 
@@ -572,7 +578,7 @@ def predict_folder(model, paths, names, stems, save_dir, args, class_names, timi
         result = above(result, args.conf)
         saved += results_json(result, names[index], image_ids[index], category_ids, class_names)
         if args.save:
-            save_image(draw(decoded.image, result, class_names),
+            save_image(draw_picture(decoded.image, result, class_names),
                        os.path.join(save_dir, stems[index] + os.path.splitext(names[index])[1]))
         if args.save_txt:
             write_yolo_txt(result, decoded.size, os.path.join(save_dir, "labels", stems[index] + ".txt"),

@@ -5,11 +5,12 @@
     python benchmarks/folder_speed.py --folder datasets/kangaroo/images --twelve-mp 16 --threads 1 2
 
 Folder throughput (issue #27, item 2): images per second over a whole folder, file to detections (predict.py's
-predict_images: a large JPEG decoded reduced when nothing is drawn; predict() at score 0.25, at most 100 boxes), without and with drawing (predict.py's
-draw and save_image; Ultralytics: save=True), for our sizes in PyTorch (BatchNorm fused) and ONNX Runtime INT8,
-against Ultralytics' own predict() on the same folder. Every variant passes over the folder once per round, the
-variants round-robin, so load on a shared machine falls on all alike. --twelve-mp N adds a folder of N 4000x3000
-JPEGs (quality 90), upscaled from the folder's photos, written once under /tmp.
+predict_images: a large JPEG decoded reduced when nothing is drawn; predict() at score 0.25, at most 100 boxes),
+without and with drawing (predict.py's draw_picture and save_image; Ultralytics: save=True), for our sizes in
+PyTorch (BatchNorm fused) and ONNX Runtime INT8, against Ultralytics' own predict() on the same folder. Every
+variant passes over the folder once per round, the variants round-robin, so load on a shared machine falls on all
+alike. --twelve-mp N adds a folder of N 4000x3000 JPEGs (quality 90), upscaled from the folder's photos, written
+once under /tmp.
 
 Fair deployment (item 3): YOLOv8n and YOLO11n exported to ONNX fp32 (dynamic height and width, their decoding in
 the graph as ours is) and quantised by quantize.quantize_int8, our INT8 path: the same QDQ static quantisation,
@@ -144,14 +145,14 @@ def our_pass(detector, paths, out_dir=None):
     """predict.py's own path over the files, batch 1: decode (a large JPEG reduced to about the input size when
     nothing is drawn, as `predict.py --no-save` does), predict, and with `out_dir` draw and save; returns the boxes
     kept."""
-    from predict import draw, predict_images, save_image
+    from predict import draw_picture, predict_images, save_image
     found = 0
     images = predict_images(detector, paths, [], CONF, None, MAX_DET, batch_size=1, progress=False,
                             min_side=None if out_dir else IMG_SIZE)
     for index, decoded, result in images:
         found += len(result["scores"])
         if out_dir:
-            save_image(draw(decoded.image, result, detector.class_names),
+            save_image(draw_picture(decoded.image, result, detector.class_names),
                        os.path.join(out_dir, os.path.basename(paths[index])))
     return found
 
@@ -322,7 +323,7 @@ def report(args, info, folders, results):
              "", "## Folder throughput (file to detections)", "",
              f"Each variant passes over the whole folder once per round, {args.rounds} rounds round-robin, median "
              f"(min-max). Ours: predict.predict_images (a JPEG decoded reduced when nothing is drawn), batch 1 (PyTorch: BatchNorm fused; ORT: "
-             f"export.py --int8), drawing with predict.py's draw and save_image (JPEG quality 95). Ultralytics: "
+             f"export.py --int8), drawing with predict.py's draw_picture and save_image (JPEG quality 95). Ultralytics: "
              f"predict(source=the folder's files, stream=True), save=True for drawing.", ""]
     for result in results:
         lines += folder_lines(result, folders)
