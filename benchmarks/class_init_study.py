@@ -23,6 +23,7 @@ import argparse
 import csv
 import hashlib
 import logging
+import math
 import os
 import shlex
 import statistics
@@ -250,8 +251,8 @@ def write_report(curves, args, data, path, command):
     lines += ["", f"## AP50 per class at epoch {epochs} (mean over seeds)", "",
               "| arm | " + " | ".join(data["class_names"]) + " |", "|---|" + "---|" * len(data["class_names"])]
     for arm in ARMS:
-        cells = [f"{statistics.fmean(curves[(arm, s)][f'AP50 {name}'][-1] for s in seeds):.3f}"
-                 for name in data["class_names"]]
+        means = [statistics.fmean(curves[(arm, s)][f'AP50 {name}'][-1] for s in seeds) for name in data["class_names"]]
+        cells = ["n/a (no val box)" if math.isnan(mean) else f"{mean:.3f}" for mean in means]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdict", "", *verdict(curves, seeds, epochs), "",
               "These numbers are for this data, model and schedule; they say nothing of other data."]
