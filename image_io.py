@@ -99,7 +99,7 @@ def _decode(img, min_side):
     pad = (img.size[0] - stored_width / scale, img.size[1] - stored_height / scale)  # exact: multiples of 1/8
     img.load()
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)  # read once loaded, as exif_transpose reads it (PNG eXIf)
-    # exif_transpose and convert("RGB") copy the photo even when they change nothing: 60 of a 12-MP photo's 200 ms.
+    # exif_transpose and convert("RGB") copy the photo even when they change nothing (benchmarks/results/decode.md).
     displayed = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
     origin = DECODED_ORIGIN[orientation](*pad) if orientation in DECODED_ORIGIN else (0.0, 0.0)
     turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps the axes (not told by sizes: 803 and 801 at 1/8)
