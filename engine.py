@@ -8,9 +8,11 @@
 A training checkpoint of a TrainState (resumed exactly: weights, optimizer, schedule, EMA, scaler, RNG state) is
 checkpoints.py's.
 """
+import ctypes
 import dataclasses
 import logging
 import math
+import platform
 import random
 import time
 
@@ -32,6 +34,26 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep the memory a training step frees for the next step, instead of handing it back.
+
+    By default glibc serves every block over 32 MB with a fresh mmap and unmaps it on free, and trims the heap
+    top as soon as 128 kB to 32 MB lie free there: each step of a CPU training then takes its large activations
+    and gradients as new pages, zeroed by the kernel one page fault at a time (the run's system time). With
+    mmap off and the trim threshold at 2 GB, the next step reuses the same memory (what PyTorch's performance
+    guide gets from jemalloc or tcmalloc), for a peak memory a little higher (the heap fragments). Training
+    scripts call it once (trainer.setup_process). Returns whether it applied (glibc only: a no-op on macOS,
+    Windows, musl)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 # ---- EMA, mixed precision, learning-rate scaling ---------------------------------------------------------

@@ -161,12 +161,12 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
     Returns:
         dict with
         - "mAP", "mAP50", "mAP75", "AP_small", "AP_medium", "AP_large": COCOeval.stats[0:6];
-        - "per_class_AP": {class name: AP@[.5:.95]}, the mean of COCOeval's precision array over
-          IoU thresholds and recall points (area "all", 100 detections), as COCOeval's own mAP;
         - "per_class": {class name: {"AP", "AP50", "num_gt" (ground-truth boxes), "best_f1",
-          "best_f1_threshold", "best_f1_precision", "best_f1_recall"}} in class order, the AP from the same
-          precision array (AP50 at IoU 0.5 alone) and the best F1 of the class's own detections; None for every
-          value but num_gt of a class without ground truth in `image_ids`;
+          "best_f1_threshold", "best_f1_precision", "best_f1_recall"}} in class order: AP@[.5:.95] is the mean of
+          COCOeval's precision array over IoU thresholds and recall points (area "all", 100 detections), as
+          COCOeval's own mAP, AP50 the same at IoU 0.5 alone, and the best F1 is that of the class's own
+          detections; None for every value but num_gt of a class without ground truth in `image_ids`;
+        - "per_class_AP": {class name: per_class's AP, nan where None} (the older key);
         - "precision", "recall", "f1": at `conf_threshold`, IoU 0.5, pooled over classes;
         - "best_f1", "best_f1_threshold", "best_f1_precision", "best_f1_recall": the best F1 over
           score thresholds, a threshold giving it (midway between the last score it keeps and the next lower
@@ -191,7 +191,6 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
         cocoeval.accumulate()
         cocoeval.summarize()
     metrics = {key: _defined(cocoeval.stats[index]) for key, index in STATS_KEYS.items()}
-    metrics["per_class_AP"] = _per_class_ap(cocoeval, category_ids, class_names)
     scores, is_tp, is_fp, num_gt, labels, gt_per_class = _pooled_matches(cocoeval, category_ids)
     if conf_threshold is None:
         conf_threshold = inference_defaults()["report_threshold"]
@@ -200,6 +199,8 @@ def coco_metrics(coco_gt, detections, image_ids, category_ids, class_names, conf
     metrics.update(_best_f1(scores, is_tp, is_fp, num_gt))
     metrics["per_class"] = _per_class(cocoeval, category_ids, class_names, scores, is_tp, is_fp, labels,
                                       gt_per_class)
+    metrics["per_class_AP"] = {name: float("nan") if entry["AP"] is None else entry["AP"]
+                               for name, entry in metrics["per_class"].items()}
     metrics["pr_curve"] = _pr_curve(scores, is_tp, is_fp, num_gt)
     if confusion_threshold is None:
         confusion_threshold = calibrated_thresholds(metrics, inference_defaults()["conf_threshold"])[1]
@@ -296,21 +297,6 @@ def _load_results(coco_gt, detections):
                        "annotations": []}
     coco_dt.createIndex()
     return coco_dt
-
-
-def _per_class_ap(cocoeval, category_ids, class_names):
-    """AP@[.5:.95] per class name from cocoeval.eval['precision'] (area 'all', 100 dets)."""
-    params = cocoeval.params
-    precision = cocoeval.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxDets)
-    area_index = params.areaRngLbl.index("all")
-    max_det_index = params.maxDets.index(MAX_DETS)
-    per_class = {}
-    for name, category_id in zip(class_names, category_ids):
-        k = params.catIds.index(category_id)  # COCOeval sorts catIds; class order may differ
-        values = precision[:, :, k, area_index, max_det_index]
-        defined = values[values > -1]
-        per_class[name] = float(defined.mean()) if defined.size else float("nan")
-    return per_class
 
 
 def _pooled_matches(cocoeval, category_ids):

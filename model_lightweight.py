@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from backbone_efficientnet import LITE_MEAN, LITE_STD, EfficientNetLiteBackbone, load_imagenet_backbone
+from backbone_efficientnet import LITE_MEAN, LITE_STD, ConvNorm, EfficientNetLiteBackbone, load_imagenet_backbone
 from checkpoints import STARTER_SIZE, load_checkpoint_file, load_init, read_backbone_state, unwrap_state_dict
 from config import inference_defaults
 from inference import (STRIDES, Detections, count_inputs, detection_settings, letterbox_groups, phase_timer,
@@ -64,7 +64,7 @@ DENSE_MAX_CHANNELS = 128  # stages up to this width use dense 3x3 bottlenecks, w
 Activation = partial(nn.LeakyReLU, 0.1)  # cheap, and NanoDet-Plus shows it works for small detectors
 
 
-class ConvBNAct(nn.Sequential):
+class ConvBNAct(ConvNorm):
     """Conv (no bias, "same" padding) -> BatchNorm -> activation, children named 0, 1, 2 as torchvision's
     Conv2dNormActivation names them (checkpoints load either way); written here so that loading the model for a
     predict does not import torchvision (issue #27: a cold start)."""

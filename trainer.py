@@ -70,13 +70,15 @@ def fit(trainer, plan, begin_stage, script_file):
 
 
 def setup_process(config, script_file, argv):
-    """This process's device (joining torchrun's process group, if any) and its seed. Plain `python` on a machine
-    with several GPUs and no --device is refused with the torchrun command that uses them all."""
+    """This process's device (joining torchrun's process group, if any), its seed and its allocator (freed memory
+    kept for the next step). Plain `python` on a machine with several GPUs and no --device is refused with the
+    torchrun command that uses them all."""
     hint = None if config["device"] else distributed.torchrun_hint(script_file, list(argv or []))
     if hint:
         raise ConfigError(hint)
     device = distributed.init_distributed(config["device"])
     engine.seed_everything(distributed.rank_seed(config["seed"]))
+    engine.keep_freed_memory()
     return device
 
 

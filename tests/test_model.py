@@ -5,7 +5,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from checkpoints import model_checkpoint, save_checkpoint
-from model_lightweight import MODEL_SIZES, count_macs, create_lightweight_model, fuse_batchnorm, load_model
+from backbone_efficientnet import conv_bn
+from model_lightweight import MODEL_SIZES, ConvBNAct, count_macs, create_lightweight_model, fuse_batchnorm, load_model
 
 
 @pytest.fixture
@@ -322,3 +323,53 @@ def test_compiled_fused_predict_matches_eager():
     assert len(eager["boxes"]) > 0 and len(compiled["boxes"]) > 0  # top detection: NMS always keeps it
     torch.testing.assert_close(compiled["boxes"][0], eager["boxes"][0], atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(compiled["scores"][0], eager["scores"][0], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("make", [lambda: conv_bn(8, 16, 3, stride=2), lambda: conv_bn(8, 8, 5, groups=8),
+                                  lambda: conv_bn(8, 16, activation=False), lambda: ConvBNAct(8, 16, 3)],
+                         ids=["same-padded stride 2", "depthwise", "no activation", "ConvBNAct"])
+def test_eval_batchnorm_folds_into_its_conv_with_the_same_outputs_and_gradients(make):
+    """ConvNorm folds an eval-mode BatchNorm into the conv on the fly (fine-tuning's frozen layers): the output and
+    the gradients of the input, the conv weight and the BatchNorm's affine parameters are conv-then-BatchNorm's."""
+    torch.manual_seed(0)
+    layer = make()
+    norm = layer[1]
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    layer.eval()
+    x = torch.randn(2, 8, 16, 16)
+    grad_out = None
+    results = []
+    for forward in (layer.forward, lambda inp: torch.nn.Sequential.forward(layer, inp)):
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        layer.zero_grad()
+        out.backward(grad_out)
+        results.append([out.detach(), inp.grad, layer[0].weight.grad, norm.weight.grad, norm.bias.grad])
+    for folded, plain in zip(*results):
+        torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_a_frozen_backbone_runs_no_batchnorm_pass(model, monkeypatch):
+    """A frozen group's BatchNorms (eval mode) are folded into their convs, so a training step runs BatchNorm only
+    where it learns; a hooked BatchNorm still runs as its own module."""
+    calls = []
+    batch_norm = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or batch_norm(*a, **k))
+    images = torch.rand(2, 3, 64, 64)
+    model.train()
+    model(images)
+    everywhere, calls[:] = len(calls), []
+    model.freeze_backbone()
+    model.train()(images)
+    backbone_norms = [m for m in model.backbone.modules() if isinstance(m, _BatchNorm)]
+    assert len(calls) == everywhere - len(backbone_norms) > 0
+    handle = backbone_norms[0].register_forward_hook(lambda *args: None)
+    calls[:] = []
+    model(images)
+    handle.remove()
+    assert len(calls) == everywhere - len(backbone_norms) + 1
