@@ -98,7 +98,8 @@ class ConvNorm(nn.Sequential):
     for w, gamma and beta, in one pass over the activations instead of two forward and two backward. At training
     resolution those second passes, over the largest activations of the network, are a fifth of a step
     (benchmarks/profile_step.py --phases). A conv or BatchNorm with forward hooks (a probe, a profiler) runs as
-    its own module. model.fuse() and the exporter still fold the pair for good."""
+    its own module. model.fuse() and the exporter still fold the pair for good. (torch.nn.utils.fusion's
+    fuse_conv_bn_weights returns new leaf Parameters, which would cut the gradients to w, gamma and beta.)"""
 
     def forward(self, x):
         conv, norm = self[0], self[1]
