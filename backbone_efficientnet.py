@@ -63,7 +63,7 @@ def round_filters(channels, width_mult, divisor=8):
 class Conv2dSame(nn.Conv2d):
     """Bias-free nn.Conv2d with TensorFlow "SAME" padding: output size ceil(input / stride), the odd
     padding pixel at the bottom/right. At stride 1 (odd kernels) that is symmetric padding, done by the
-    conv itself; at stride 2 the padding depends on the input size and is added in forward.
+    conv itself; at stride 2 the padding depends on the input size and is added before the convolution.
 
     A subclass of nn.Conv2d, so BatchNorm folding (torch.nn.utils.fusion.fuse_conv_bn_eval, which copies
     the module) keeps this forward."""
@@ -72,11 +72,8 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          padding=(kernel_size - 1) // 2 if stride == 1 else 0, groups=groups, bias=False)
 
-    def forward(self, x):
-        return self.conv_with(x, self.weight, self.bias)
-
-    def conv_with(self, x, weight, bias):
-        """This convolution with other weights (ConvNorm's folded ones)."""
+    def _conv_forward(self, x, weight, bias):
+        """nn.Conv2d's forward (and ConvNorm's, with folded weights) calls this: pad, then convolve."""
         if self.stride[0] > 1:
             pads = []
             # Python ints: an ONNX trace keeps these pads as constants, which fit every input size with the
@@ -86,7 +83,7 @@ class Conv2dSame(nn.Conv2d):
                 total = max((math.ceil(size / s) - 1) * s + k - size, 0)
                 pads += [total // 2, total - total // 2]
             x = F.pad(x, pads)
-        return self._conv_forward(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
 
 
 class ConvNorm(nn.Sequential):
@@ -110,7 +107,7 @@ class ConvNorm(nn.Sequential):
         bias = norm.bias - norm.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        x = conv_with(conv, x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
+        x = conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
         for layer in list(self)[2:]:
             x = layer(x)
         return x
@@ -118,11 +115,6 @@ class ConvNorm(nn.Sequential):
 
 def _hooked(module):
     return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def conv_with(conv, x, weight, bias):
-    """`conv` applied with `weight` and `bias` in place of its own (its padding, stride, groups)."""
-    return conv.conv_with(x, weight, bias) if isinstance(conv, Conv2dSame) else conv._conv_forward(x, weight, bias)
 
 
 def conv_bn(in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True):

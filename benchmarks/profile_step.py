@@ -144,7 +144,7 @@ def profile_phases(args, finetune_argv):
         clock.lap("forward")
         loss = trainer.criterion(outputs, targets)["loss"]
         clock.lap("loss (rest)")
-        float(loss)
+        loss.detach().item()  # the step's sync, as train_one_epoch's logging
         engine.backward(state, loss)
         clock.lap("backward")
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), config["clip_grad_norm"])
